@@ -1,0 +1,256 @@
+"""Flax NNX causal decoder for the Qwen3, Qwen2/Qwen2.5 and Llama 3 families.
+
+Dimension legend (used in names and einsum strings):
+  B batch, T query positions, S key positions (cache slots), D hidden, F MLP hidden,
+  H query heads, K key/value heads, G = H // K (queries per kv head), E head dim,
+  V vocabulary, L layers.
+
+Parameters carry Hugging Face's names and layouts (`weight` of a linear layer is
+[out, in]), so checkpoint I/O is a rename-free copy and sharding rules read like HF paths.
+The L decoder layers are one vmapped `Block` with stacked parameters ([L, ...] leading
+axis), run with `lax.scan`, so compile time does not grow with depth.
+
+The KV cache is a dict of two arrays [L, B, S, K, E]. A cached call writes the new keys and
+values at slots [start, start + T) and lets query t attend to slots <= start + t whose
+`kv_mask` is set; slot order is time order (the sampler left-pads prompts).
+"""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from opd_jax.models.config import ModelConfig
+from opd_jax.sharding import BATCH_AXES, constrain
+
+_NEG_INF = float(jnp.finfo(jnp.float32).min)  # finite: a fully masked row stays NaN-free
+
+
+def _normal(rngs: nnx.Rngs, shape, dtype, std=0.02):
+  return (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+
+
+class Linear(nnx.Module):
+  """y = x @ weight.T (+ bias); weight [out, in] as in torch.nn.Linear."""
+
+  def __init__(self, d_in: int, d_out: int, *, bias: bool, dtype, rngs: nnx.Rngs):
+    self.weight = nnx.Param(_normal(rngs, (d_out, d_in), dtype))
+    self.bias = nnx.Param(jnp.zeros((d_out,), dtype)) if bias else None
+
+  def __call__(self, x):
+    y = jnp.einsum('...i,oi->...o', x, self.weight[...])
+    if self.bias is not None:
+      y = y + self.bias[...]
+    return y
+
+
+class RMSNorm(nnx.Module):
+  """RMSNorm computed in float32, scaled after casting back (as transformers does)."""
+
+  def __init__(self, dim: int, eps: float, *, dtype):
+    self.weight = nnx.Param(jnp.ones((dim,), dtype))
+    self.eps = eps
+
+  def __call__(self, x):
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return self.weight[...] * x32.astype(x.dtype)
+
+
+def rope_cos_sin(cfg: ModelConfig, positions_BxT):
+  """cos, sin [B, T, E] float32 for integer positions (rotate-half convention)."""
+  inv_freq = jnp.asarray(cfg.inv_freq(), jnp.float32)
+  freqs_BxTxE2 = positions_BxT.astype(jnp.float32)[..., None] * inv_freq
+  emb = jnp.concatenate([freqs_BxTxE2, freqs_BxTxE2], axis=-1)
+  return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x_BxTxNxE, cos_BxTxE, sin_BxTxE):
+  half = x_BxTxNxE.shape[-1] // 2
+  x32 = x_BxTxNxE.astype(jnp.float32)
+  rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
+  out = x32 * cos_BxTxE[:, :, None, :] + rotated * sin_BxTxE[:, :, None, :]
+  return out.astype(x_BxTxNxE.dtype)
+
+
+class Attention(nnx.Module):
+  def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs):
+    d, e = cfg.hidden_size, cfg.head_dim
+    self.cfg = cfg
+    self.q_proj = Linear(d, cfg.num_heads * e, bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
+    self.k_proj = Linear(d, cfg.num_kv_heads * e, bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
+    self.v_proj = Linear(d, cfg.num_kv_heads * e, bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
+    self.o_proj = Linear(cfg.num_heads * e, d, bias=cfg.o_bias, dtype=dtype, rngs=rngs)
+    if cfg.qk_norm:
+      self.q_norm = RMSNorm(e, cfg.rms_norm_eps, dtype=dtype)
+      self.k_norm = RMSNorm(e, cfg.rms_norm_eps, dtype=dtype)
+    else:
+      self.q_norm = self.k_norm = None
+
+  def __call__(self, x_BxTxD, cos, sin, *, kv_mask_BxS, q_slot_T, cache_kv=None,
+               layer=None, start=None):
+    """Returns (out [B, T, D], updated (k, v) caches or None)."""
+    cfg = self.cfg
+    b, t, _ = x_BxTxD.shape
+    k_heads, e = cfg.num_kv_heads, cfg.head_dim
+    g = cfg.num_heads // k_heads
+    q = self.q_proj(x_BxTxD).reshape(b, t, cfg.num_heads, e)
+    k = self.k_proj(x_BxTxD).reshape(b, t, k_heads, e)
+    v = self.v_proj(x_BxTxD).reshape(b, t, k_heads, e)
+    if self.q_norm is not None:
+      q, k = self.q_norm(q), self.k_norm(k)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+    if cache_kv is not None:
+      # Write this chunk into layer `layer` of the stacked cache in place, then attend to
+      # the whole (static-length) cache of that layer.
+      cache_k, cache_v = cache_kv
+      idx = (layer, 0, start, 0, 0)
+      cache_k = jax.lax.dynamic_update_slice(cache_k, k[None].astype(cache_k.dtype), idx)
+      cache_v = jax.lax.dynamic_update_slice(cache_v, v[None].astype(cache_v.dtype), idx)
+      k = jax.lax.dynamic_index_in_dim(cache_k, layer, axis=0, keepdims=False)
+      v = jax.lax.dynamic_index_in_dim(cache_v, layer, axis=0, keepdims=False)
+      cache_kv = (cache_k, cache_v)
+    s = k.shape[1]
+
+    q_BxTxKxGxE = q.reshape(b, t, k_heads, g, e)
+    scores = jnp.einsum('btkge,bske->bkgts', q_BxTxKxGxE, k,
+                        preferred_element_type=jnp.float32) * (e ** -0.5)
+    allowed_BxTxS = ((jnp.arange(s)[None, None, :] <= q_slot_T[None, :, None])
+                     & kv_mask_BxS[:, None, :].astype(bool))
+    scores = jnp.where(allowed_BxTxS[:, None, None], scores, _NEG_INF)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum('bkgts,bske->btkge', probs, v).reshape(b, t, cfg.num_heads * e)
+    return self.o_proj(out), cache_kv
+
+
+class MLP(nnx.Module):
+  def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs):
+    d, f = cfg.hidden_size, cfg.intermediate_size
+    self.gate_proj = Linear(d, f, bias=cfg.mlp_bias, dtype=dtype, rngs=rngs)
+    self.up_proj = Linear(d, f, bias=cfg.mlp_bias, dtype=dtype, rngs=rngs)
+    self.down_proj = Linear(f, d, bias=cfg.mlp_bias, dtype=dtype, rngs=rngs)
+
+  def __call__(self, x):
+    return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nnx.Module):
+  def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs):
+    self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
+    self.self_attn = Attention(cfg, dtype=dtype, rngs=rngs)
+    self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
+    self.mlp = MLP(cfg, dtype=dtype, rngs=rngs)
+
+  def __call__(self, x, cos, sin, **attn_kw):
+    h, cache_kv = self.self_attn(self.input_layernorm(x), cos, sin, **attn_kw)
+    x = x + h
+    x = x + self.mlp(self.post_attention_layernorm(x))
+    return x, cache_kv
+
+
+class Embedding(nnx.Module):
+  def __init__(self, vocab: int, dim: int, *, dtype, rngs: nnx.Rngs):
+    self.weight = nnx.Param(_normal(rngs, (vocab, dim), dtype))
+
+  def __call__(self, ids):
+    return jnp.take(self.weight[...], ids, axis=0)
+
+
+def default_positions(attention_mask_BxT):
+  """Position of each token among the real tokens of its row (left or right padding)."""
+  return jnp.maximum(jnp.cumsum(attention_mask_BxT.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+class Decoder(nnx.Module):
+  """A decoder-only causal LM. `model(input_ids, attention_mask=None, positions=None)`
+  returns float32 logits [B, T, V]."""
+
+  def __init__(self, cfg: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs,
+               hf_config: dict | None = None):
+    self.cfg = cfg
+    self.dtype = jnp.dtype(dtype)
+    # The source config.json (token ids, generation defaults, ...), kept as a string so it
+    # stays static module metadata; save_pretrained writes it back.
+    self._hf_config_json = json.dumps(hf_config or {}, sort_keys=True)
+    self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype, rngs=rngs)
+
+    @nnx.split_rngs(splits=cfg.num_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def make_layers(rngs):
+      return Block(cfg, dtype=dtype, rngs=rngs)
+
+    self.layers = make_layers(rngs)
+    self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
+    self.lm_head = (None if cfg.tie_embeddings else
+                    Linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype, rngs=rngs))
+
+  @property
+  def hf_config(self) -> dict:
+    return json.loads(self._hf_config_json)
+
+  # ------------------------------------------------------------------ forward
+  def hidden(self, input_ids_BxT, attention_mask_BxT=None, positions_BxT=None, *,
+             cache=None, kv_mask_BxS=None, start=0, remat=False):
+    """Final-norm hidden states [B, T, D] (model dtype) and the updated cache.
+
+    Without a cache, `attention_mask` [B, T] marks real tokens (left or right padding).
+    With a cache (dict k, v: [L, B, S, K, E]), the tokens occupy slots [start, start + T)
+    and `kv_mask_BxS` marks the valid slots (including the ones being written).
+    """
+    b, t = input_ids_BxT.shape
+    if cache is None:
+      if attention_mask_BxT is None:
+        attention_mask_BxT = jnp.ones((b, t), jnp.int32)
+      kv_mask_BxS = attention_mask_BxT
+      start = 0
+    elif kv_mask_BxS is None:
+      raise ValueError('a cached call needs kv_mask_BxS')
+    if positions_BxT is None:
+      positions_BxT = (default_positions(attention_mask_BxT) if attention_mask_BxT is not None
+                       else jnp.broadcast_to(jnp.arange(t) + start, (b, t)))
+    cos, sin = rope_cos_sin(self.cfg, positions_BxT)
+    q_slot_T = jnp.arange(t) + start
+
+    x = constrain(self.embed_tokens(input_ids_BxT.astype(jnp.int32)), BATCH_AXES)
+    layer_def, layer_state = nnx.split(self.layers)
+
+    def body(carry, xs):
+      x, cache_kv = carry
+      state, layer = xs
+      block = nnx.merge(layer_def, state)
+      x, cache_kv = block(x, cos, sin, kv_mask_BxS=kv_mask_BxS, q_slot_T=q_slot_T,
+                          cache_kv=cache_kv, layer=layer, start=start)
+      x = constrain(x, BATCH_AXES)
+      return (x, cache_kv), None
+
+    if remat:
+      body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
+    cache_kv = None if cache is None else (cache['k'], cache['v'])
+    layers = jnp.arange(self.cfg.num_layers)
+    (x, cache_kv), _ = jax.lax.scan(body, (x, cache_kv), (layer_state, layers))
+    new_cache = None if cache is None else {'k': cache_kv[0], 'v': cache_kv[1]}
+    return self.norm(x), new_cache
+
+  def unembed_weight(self):
+    """The output projection [V, D] (the embedding when tied)."""
+    return self.embed_tokens.weight[...] if self.lm_head is None else self.lm_head.weight[...]
+
+  def logits(self, hidden_BxTxD):
+    """Float32 logits [B, T, V] of final hidden states (accumulated in float32)."""
+    logits = jnp.einsum('btd,vd->btv', hidden_BxTxD, self.unembed_weight(),
+                        preferred_element_type=jnp.float32)
+    return constrain(logits, BATCH_AXES, None, 'tensor')
+
+  def __call__(self, input_ids, attention_mask=None, positions=None):
+    h, _ = self.hidden(input_ids, attention_mask, positions)
+    return self.logits(h)
+
+
+def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=jnp.float32):
+  """An empty KV cache {k, v}: [L, B, S, K, E]."""
+  shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
+  return {'k': jnp.zeros(shape, dtype), 'v': jnp.zeros(shape, dtype)}

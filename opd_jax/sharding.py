@@ -1,0 +1,241 @@
+"""Device mesh, parameter partitioning rules and batch sharding.
+
+The mesh has three named axes, always in this order:
+  data    pure data parallelism (parameters replicated across it),
+  fsdp    data parallelism with parameters (and optimizer state) sharded across it,
+  tensor  tensor (model) parallelism: heads, MLP hidden units and vocabulary split.
+A batch is split over ('data', 'fsdp'). Mesh axes of size 1 are free, so one rule set serves
+a laptop CPU and a pod slice.
+
+Parameter rules are (regex, spec) pairs matched against parameter paths such as
+`layers/self_attn/q_proj/weight` (HF names, HF [out, in] layouts, a leading layer axis for
+`layers/...`); the first rule whose regex matches the whole path gives the PartitionSpec.
+A dimension that the chosen mesh axes do not divide is replicated instead (logged once), so
+tiny test models run on any mesh. Student and teacher may use different rule sets.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+log = logging.getLogger(__name__)
+
+MESH_AXES = ('data', 'fsdp', 'tensor')
+BATCH_AXES = ('data', 'fsdp')
+
+Rules = Sequence[tuple[str, tuple[Any, ...]]]
+
+# FSDP over the contraction (input) dimension, tensor parallelism over heads / MLP units /
+# vocabulary. [L, out, in] for linear weights; [V, D] for embeddings and the LM head.
+FSDP_TP_RULES: Rules = (
+    (r'embed_tokens/weight', ('tensor', 'fsdp')),
+    (r'lm_head/weight', ('tensor', 'fsdp')),
+    (r'layers/self_attn/(q|k|v)_proj/weight', (None, 'tensor', 'fsdp')),
+    (r'layers/self_attn/(q|k|v)_proj/bias', (None, 'tensor')),
+    (r'layers/self_attn/o_proj/weight', (None, 'fsdp', 'tensor')),
+    (r'layers/mlp/(gate|up)_proj/weight', (None, 'tensor', 'fsdp')),
+    (r'layers/mlp/(gate|up)_proj/bias', (None, 'tensor')),
+    (r'layers/mlp/down_proj/weight', (None, 'fsdp', 'tensor')),
+    (r'.*', ()),  # norms, remaining biases: replicated
+)
+
+
+def _drop_axis(rules: Rules, axis: str) -> Rules:
+  def drop(entry):
+    if entry == axis:
+      return None
+    if isinstance(entry, tuple):
+      kept = tuple(a for a in entry if a != axis)
+      return kept or None
+    return entry
+  return tuple((rx, tuple(drop(e) for e in spec)) for rx, spec in rules)
+
+
+RULE_SETS: dict[str, Rules] = {
+    'fsdp_tp': FSDP_TP_RULES,
+    'fsdp': _drop_axis(FSDP_TP_RULES, 'tensor'),
+    'tp': _drop_axis(FSDP_TP_RULES, 'fsdp'),
+    'replicated': ((r'.*', ()),),
+}
+
+
+def get_rules(rules: str | Rules | None) -> Rules:
+  """A rule set by name (see RULE_SETS) or a literal sequence of (regex, spec) pairs."""
+  if rules is None:
+    return FSDP_TP_RULES
+  if isinstance(rules, str):
+    if rules not in RULE_SETS:
+      raise ValueError(f'unknown sharding rules {rules!r}; known: {", ".join(RULE_SETS)}')
+    return RULE_SETS[rules]
+  return tuple((rx, tuple(spec)) for rx, spec in rules)
+
+
+# ---------------------------------------------------------------------------------- mesh
+def make_mesh(shape: Mapping[str, int] | None = None, devices: Sequence[Any] | None = None,
+              ) -> Mesh:
+  """A Mesh with axes (data, fsdp, tensor) from `{'data': 1, 'fsdp': -1, 'tensor': 1}`.
+
+  Missing axes have size 1; one axis may be -1 and takes the remaining devices.
+  `devices` defaults to all devices (every process's, on a multi-host run).
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  shape = dict(shape or {'fsdp': -1})
+  unknown = set(shape) - set(MESH_AXES)
+  if unknown:
+    raise ValueError(f'mesh: unknown axes {sorted(unknown)}; the axes are {MESH_AXES}')
+  sizes = [int(shape.get(a, 1)) for a in MESH_AXES]
+  if sizes.count(-1) > 1:
+    raise ValueError(f'mesh {shape}: at most one axis may be -1')
+  known = math.prod(s for s in sizes if s != -1)
+  if any(s == 0 or s < -1 for s in sizes):
+    raise ValueError(f'mesh {shape}: axis sizes must be positive or -1')
+  if -1 in sizes:
+    if len(devices) % known:
+      raise ValueError(f'mesh {shape}: {len(devices)} devices are not divisible by {known}')
+    sizes[sizes.index(-1)] = len(devices) // known
+  if math.prod(sizes) != len(devices):
+    raise ValueError(f'mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, '
+                     f'but {len(devices)} are given')
+  try:
+    from jax.experimental import mesh_utils
+    dev_array = mesh_utils.create_device_mesh(sizes, devices=devices)
+  except Exception:  # non-TPU or an irregular subset: plain row-major order is fine
+    dev_array = np.asarray(devices, dtype=object).reshape(sizes)
+  return Mesh(dev_array, MESH_AXES)
+
+
+def parse_devices(spec: str | None, devices: Sequence[Any] | None = None) -> list[Any]:
+  """Selects devices by a Python slice string such as '4:8' (None or '' = all)."""
+  devices = list(jax.devices() if devices is None else devices)
+  if not spec:
+    return devices
+  try:
+    parts = [int(p) if p else None for p in spec.split(':')]
+    chosen = devices[slice(*parts)] if len(parts) > 1 else [devices[parts[0]]]
+  except (ValueError, IndexError, TypeError) as e:
+    raise ValueError(f'bad device slice {spec!r} (expected e.g. "0:4"): {e}') from e
+  if not chosen:
+    raise ValueError(f'device slice {spec!r} selects no devices out of {len(devices)}')
+  return chosen
+
+
+# ---------------------------------------------------------------------------- parameters
+def path_str(key_path) -> str:
+  """'layers/self_attn/q_proj/weight' from a jax key path (nnx's trailing `.value` dropped)."""
+  parts = []
+  for k in key_path:
+    if isinstance(k, jax.tree_util.DictKey):
+      parts.append(str(k.key))
+    elif isinstance(k, jax.tree_util.SequenceKey):
+      parts.append(str(k.idx))
+    elif isinstance(k, jax.tree_util.GetAttrKey):
+      if k.name not in ('value', 'raw_value'):
+        parts.append(k.name)
+    else:
+      parts.append(str(k))
+  return '/'.join(parts)
+
+
+_warned: set[str] = set()
+
+
+def spec_for(path: str, shape: Sequence[int], mesh: Mesh, rules: Rules) -> P:
+  """The PartitionSpec of one parameter; axes that do not divide a dimension are dropped."""
+  for rx, spec in rules:
+    if re.fullmatch(rx, path):
+      break
+  else:
+    raise ValueError(f'no sharding rule matches parameter {path!r}; add a catch-all (".*", ())')
+  if len(spec) > len(shape):
+    raise ValueError(f'sharding rule {rx!r} -> {spec} has more entries than parameter '
+                     f'{path!r} has dimensions {tuple(shape)}')
+  out = []
+  for dim, entry in zip(shape, spec):
+    axes = (entry,) if isinstance(entry, str) else tuple(entry or ())
+    axes = tuple(a for a in axes if mesh.shape.get(a, 1) > 1)
+    size = math.prod(mesh.shape[a] for a in axes)
+    if axes and dim % size:
+      key = f'{path}:{dim}:{axes}'
+      if key not in _warned:
+        _warned.add(key)
+        log.warning('parameter %s: dimension %d is not divisible by mesh axes %s (size %d); '
+                    'replicating that dimension', path, dim, axes, size)
+      axes = ()
+    out.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+  return P(*out)
+
+
+def param_shardings(state, mesh: Mesh, rules: str | Rules | None = None):
+  """A pytree of NamedShardings matching `state` (arrays or ShapeDtypeStructs)."""
+  rules = get_rules(rules)
+  return jax.tree_util.tree_map_with_path(
+      lambda kp, x: NamedSharding(mesh, spec_for(path_str(kp), x.shape, mesh, rules)), state)
+
+
+# --------------------------------------------------------------------------------- batch
+def batch_spec(ndim: int = 2) -> P:
+  return P(BATCH_AXES, *([None] * (ndim - 1)))
+
+
+def batch_size_multiple(mesh: Mesh) -> int:
+  """Global batch sizes must be multiples of this (the data x fsdp extent)."""
+  return math.prod(mesh.shape[a] for a in BATCH_AXES)
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+  return NamedSharding(mesh, batch_spec(ndim))
+
+
+def shard_batch(batch, mesh: Mesh):
+  """Places a pytree of host arrays [B, ...] (the *global* batch, identical on every process)
+  with B split over the data axes. On several processes use `shard_local_batch`."""
+  mult = batch_size_multiple(mesh)
+
+  def put(x):
+    x = np.asarray(x)
+    if x.shape[0] % mult:
+      raise ValueError(f'batch dimension {x.shape[0]} is not divisible by the data x fsdp mesh '
+                       f'extent {mult}; pad the batch or change config.mesh')
+    return jax.device_put(x, batch_sharding(mesh, x.ndim))
+  return jax.tree.map(put, batch)
+
+
+def shard_local_batch(local_batch, mesh: Mesh):
+  """Assembles a global batch from each process's rows (multi-host input pipeline)."""
+  def put(x):
+    x = np.asarray(x)
+    return jax.make_array_from_process_local_data(batch_sharding(mesh, x.ndim), x)
+  return jax.tree.map(put, local_batch)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+# ----------------------------------------------------------------------------- activations
+def constrain(x, *spec):
+  """`with_sharding_constraint(x, P(*spec))` under the mesh set by `jax.set_mesh`.
+
+  A no-op outside a mesh context; mesh axes that are absent, of size 1, or that do not
+  divide their dimension are dropped, so model code can state the intended layout once.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return x
+  sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
+  out = []
+  for dim, entry in zip(x.shape, spec):
+    axes = (entry,) if isinstance(entry, str) else tuple(entry or ())
+    axes = tuple(a for a in axes if sizes.get(a, 1) > 1)
+    if axes and dim % math.prod(sizes[a] for a in axes):
+      axes = ()
+    out.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+  return jax.lax.with_sharding_constraint(x, P(*out))

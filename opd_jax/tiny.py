@@ -1,0 +1,98 @@
+"""Tiny, self-made Hugging Face checkpoints and tokenizers.
+
+Used by the `:runlocal` form of every recipe, the CPU demo and the tests, so nothing needs
+a model hub. The checkpoints are ordinary HF directories (config.json, model.safetensors,
+tokenizer.json, tokenizer_config.json with a chat template), loadable by both opd_jax and
+transformers.
+"""
+
+from __future__ import annotations
+
+import os
+import string
+
+import jax.numpy as jnp
+
+# A ChatML template (the Qwen family's format) with Qwen3's `enable_thinking` switch: with
+# thinking disabled the assistant turn starts with an empty think block, as Qwen3 does.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+    "{% if enable_thinking is defined and enable_thinking is false %}"
+    "{{ '<think>\n\n</think>\n\n' }}{% endif %}{% endif %}"
+)
+
+SPECIAL_TOKENS = ('<|endoftext|>', '<|im_start|>', '<|im_end|>', '<think>', '</think>')
+DEFAULT_CHARS = string.digits + string.ascii_letters + string.punctuation + ' \n'
+
+
+def build_char_tokenizer(chars: str = DEFAULT_CHARS, *, chat_template: str = CHATML_TEMPLATE,
+                         vocab_size: int | None = None):
+  """A character-level `PreTrainedTokenizerFast` with ChatML special tokens.
+
+  Ids: the special tokens first (pad = <|endoftext|> = 0, eos = <|im_end|>), then one id per
+  character. `vocab_size` pads the vocabulary with unused `<|extra_i|>` tokens (the model's
+  embedding size then matches the tokenizer's length exactly).
+  """
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+  from transformers import PreTrainedTokenizerFast
+
+  vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
+  for ch in dict.fromkeys(chars):
+    vocab.setdefault(ch, len(vocab))
+  if vocab_size is not None:
+    if vocab_size < len(vocab):
+      raise ValueError(f'vocab_size={vocab_size} is below the {len(vocab)} tokens needed')
+    for i in range(vocab_size - len(vocab)):
+      vocab[f'<|extra_{i}|>'] = len(vocab)
+  tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=None))
+  tok.pre_tokenizer = pre_tokenizers.Split('', behavior='isolated')
+  tok.decoder = decoders.Fuse()
+  tok.add_special_tokens(list(SPECIAL_TOKENS))
+  fast = PreTrainedTokenizerFast(
+      tokenizer_object=tok, pad_token='<|endoftext|>', eos_token='<|im_end|>',
+      additional_special_tokens=list(SPECIAL_TOKENS[1:]))
+  fast.chat_template = chat_template
+  return fast
+
+
+def make_tiny_checkpoint(path: str, *, family: str = 'qwen3', hidden_size: int = 64,
+                         num_layers: int = 2, num_heads: int = 4, num_kv_heads: int = 2,
+                         head_dim: int | None = None, intermediate_size: int | None = None,
+                         tokenizer=None, vocab_size: int | None = None, seed: int = 0,
+                         tie_embeddings: bool | None = None, max_position_embeddings: int = 4096,
+                         overwrite: bool = False) -> str:
+  """Writes a random tiny model of `family` ('qwen3' | 'qwen2' | 'llama') plus a tokenizer.
+
+  Returns `path`. If the directory already holds a config.json and `overwrite` is False,
+  it is left as is (so recipes can call this idempotently).
+  """
+  from opd_jax.models import ModelConfig, create_model, save_pretrained
+
+  if os.path.exists(os.path.join(path, 'config.json')) and not overwrite:
+    return path
+  tokenizer = tokenizer or build_char_tokenizer(vocab_size=vocab_size)
+  vocab = len(tokenizer)
+  head_dim = head_dim or hidden_size // num_heads
+  rope_scaling = None
+  if family == 'llama':
+    rope_scaling = tuple(sorted(dict(
+        rope_type='llama3', factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+        original_max_position_embeddings=64).items()))
+  cfg = ModelConfig(
+      model_type=family, vocab_size=vocab, hidden_size=hidden_size,
+      intermediate_size=intermediate_size or 3 * hidden_size, num_layers=num_layers,
+      num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
+      rope_theta=10000.0 if family != 'llama' else 500000.0, rope_scaling=rope_scaling,
+      max_position_embeddings=max_position_embeddings,
+      tie_embeddings=(family == 'qwen3') if tie_embeddings is None else tie_embeddings,
+      qk_norm=family == 'qwen3', qkv_bias=family == 'qwen2')
+  hf_extra = dict(
+      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+      bos_token_id=None)
+  model = create_model(cfg, seed=seed, dtype=jnp.float32, hf_config=hf_extra)
+  save_pretrained(model, path)
+  tokenizer.save_pretrained(path)
+  return path

@@ -1,0 +1,68 @@
+"""Shared fixtures. Eight fake CPU devices are configured before JAX is imported so that
+sharding tests can build real meshes; single-device tests simply use device 0."""
+
+import os
+
+os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')
+os.environ.setdefault('HF_HUB_OFFLINE', '1')
+
+import json  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+FAMILIES = ('qwen3', 'qwen2', 'llama')
+
+
+def _hf_tiny(path, family, *, seed=0):
+  """A random tiny checkpoint written by transformers itself (the independent reference).
+
+  Weights use std 0.2 and non-unit norm scales so that logits are far from trivial.
+  """
+  import torch
+  import transformers
+
+  common = dict(vocab_size=128, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                initializer_range=0.2, max_position_embeddings=512)
+  if family == 'qwen3':
+    cfg = transformers.Qwen3Config(tie_word_embeddings=True, **common)
+    cls = transformers.Qwen3ForCausalLM
+  elif family == 'qwen2':
+    cfg = transformers.Qwen2Config(tie_word_embeddings=False, **common)
+    cls = transformers.Qwen2ForCausalLM
+  elif family == 'llama':
+    cfg = transformers.LlamaConfig(
+        tie_word_embeddings=False, rope_theta=500000.0,
+        rope_scaling=dict(rope_type='llama3', factor=8.0, low_freq_factor=1.0,
+                          high_freq_factor=4.0, original_max_position_embeddings=16),
+        **common)
+    cls = transformers.LlamaForCausalLM
+  else:
+    raise ValueError(family)
+  torch.manual_seed(seed)
+  model = cls(cfg).eval()
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if name.endswith('norm.weight') or 'layernorm' in name:
+        p.copy_(1.0 + 0.3 * torch.randn_like(p))
+      elif name.endswith('.bias'):
+        p.copy_(0.3 * torch.randn_like(p))
+  model.save_pretrained(path)
+  return path
+
+
+@pytest.fixture(scope='session')
+def hf_checkpoints(tmp_path_factory):
+  """{family: directory} of tiny random checkpoints written by transformers."""
+  root = tmp_path_factory.mktemp('hf_ckpt')
+  return {f: _hf_tiny(str(root / f), f, seed=i) for i, f in enumerate(FAMILIES)}
+
+
+@pytest.fixture(scope='session')
+def tiny_qwen3(tmp_path_factory):
+  """A tiny Qwen3 checkpoint with a char-level ChatML tokenizer, written by opd_jax."""
+  from opd_jax.tiny import make_tiny_checkpoint
+  return make_tiny_checkpoint(str(tmp_path_factory.mktemp('tiny') / 'qwen3'), seed=0)

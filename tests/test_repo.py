@@ -1,0 +1,36 @@
+"""Repository invariants: the README's test command is what CI runs; the package imports
+without side effects."""
+
+import os
+import re
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _readme_commands():
+  with open(os.path.join(ROOT, 'README.md')) as f:
+    text = f.read()
+  setup = text.split('## Set up', 1)[1].split('\n## ', 1)[0]
+  return re.findall(r'```bash\n(.*?)\n```', setup, re.S)
+
+
+def test_readme_has_two_setup_commands_and_ci_runs_the_test_one():
+  commands = _readme_commands()
+  assert len(commands) == 2, commands
+  demo, test = commands
+  assert 'opd_jax' in demo and 'pytest' in test
+  with open(os.path.join(ROOT, '.ci', 'run')) as f:
+    ci_lines = [l.strip() for l in f if l.strip() and not l.startswith('#')]
+  assert test.strip() in ci_lines
+
+
+def test_import_has_no_side_effects():
+  code = ('import sys, opd_jax, opd_jax.models, opd_jax.sharding; '
+          'print("jax.numpy" in sys.modules and False)')
+  out = subprocess.run([sys.executable, '-c', 'import opd_jax; import sys; '
+                        'print(sorted(m for m in sys.modules if m.startswith("jax")))'],
+                       capture_output=True, text=True, cwd=ROOT, check=True)
+  assert out.stdout.strip() == '[]'  # importing the package does not even import jax
+  subprocess.run([sys.executable, '-c', code], cwd=ROOT, check=True, capture_output=True)
