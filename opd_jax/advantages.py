@@ -1,0 +1,96 @@
+"""Outcome-reward advantage estimators: one advantage per sequence from its scalar reward.
+
+Dimension legend (used in names):
+  B sequences = P prompts × G samples per prompt (`group_size`). The G rows of one prompt
+  are adjacent: rows [p·G, (p+1)·G) belong to prompt p, as the sampler emits them.
+
+Standard deviations are population std (ddof = 0, NumPy's default) unless `ddof` says
+otherwise; verl's and TRL's GRPO use torch.std (ddof = 1), which is larger by sqrt(G/(G−1)),
+so pass ddof=1 to reproduce their numbers. Every estimator is
+`fn(rewards_B, *, group_size, eps=1e-6, **options) -> adv_B`, pure jnp (NumPy input is fine,
+jit-able with group_size static); an option an estimator does not take is a TypeError
+rather than silently ignored. Mixing with OPD is losses.mixed_advantage.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import jax.numpy as jnp
+
+
+def _grouped(rewards_B, group_size):
+  """rewards as float [P, G] after checking the batch layout."""
+  rewards_B = jnp.asarray(rewards_B)
+  if rewards_B.ndim != 1:
+    raise ValueError(f'rewards must be one value per sequence, [B]; got shape '
+                     f'{tuple(rewards_B.shape)}')
+  if isinstance(group_size, bool) or not isinstance(group_size, numbers.Integral) \
+      or group_size < 1:
+    raise ValueError(f'group_size must be a positive int, got {group_size!r}')
+  b = rewards_B.shape[0]
+  if b % group_size:
+    raise ValueError(f'batch of {b} rewards is not a whole number of groups of '
+                     f'group_size={group_size}')
+  if not jnp.issubdtype(rewards_B.dtype, jnp.floating):
+    rewards_B = rewards_B.astype(jnp.float32)  # 0/1 integer or bool rewards
+  return rewards_B.reshape(b // group_size, group_size)
+
+
+def _check_ddof(ddof, n, what):
+  if not 0 <= ddof < n:
+    raise ValueError(f'ddof={ddof} needs more than {ddof} rewards per {what}; got {n}')
+
+
+def grpo(rewards_B, *, group_size, eps=1e-6, normalize_std=True, ddof=0):
+  """GRPO: (R − group mean) / (group std + eps); normalize_std=False is Dr. GRPO (R − mean).
+
+  rewards_B: [B]; returns adv_B [B]. A group with identical rewards gets 0 (no NaN).
+  """
+  r_PxG = _grouped(rewards_B, group_size)
+  adv_PxG = r_PxG - jnp.mean(r_PxG, axis=-1, keepdims=True)
+  if normalize_std:
+    _check_ddof(ddof, group_size, 'group')
+    adv_PxG = adv_PxG / (jnp.std(r_PxG, axis=-1, keepdims=True, ddof=ddof) + eps)
+  return adv_PxG.reshape(-1)
+
+
+def rloo(rewards_B, *, group_size, eps=1e-6):
+  """RLOO: R_i − mean of the other G − 1 rewards of its group. [B] -> [B]; G >= 2.
+  eps is unused (no division by a data-dependent scale)."""
+  del eps
+  r_PxG = _grouped(rewards_B, group_size)
+  if group_size < 2:
+    raise ValueError(f'rloo needs group_size >= 2 (a leave-one-out baseline needs another '
+                     f'sample of the same prompt); got group_size={group_size}')
+  others_mean_PxG = (jnp.sum(r_PxG, axis=-1, keepdims=True) - r_PxG) / (group_size - 1)
+  return (r_PxG - others_mean_PxG).reshape(-1)
+
+
+def reinforce_pp(rewards_B, *, group_size, eps=1e-6, ddof=0):
+  """REINFORCE++: (R − batch mean) / (batch std + eps), one baseline for the whole batch
+  (no per-prompt groups; group_size only checks the layout). [B] -> [B]."""
+  r_B = _grouped(rewards_B, group_size).reshape(-1)
+  _check_ddof(ddof, r_B.shape[0], 'batch')
+  return (r_B - jnp.mean(r_B)) / (jnp.std(r_B, ddof=ddof) + eps)
+
+
+def reinforce(rewards_B, *, group_size, eps=1e-6):
+  """Plain REINFORCE: the reward itself, no baseline. [B] -> [B]; eps unused."""
+  del eps
+  return _grouped(rewards_B, group_size).reshape(-1)
+
+
+ESTIMATORS = {'grpo': grpo, 'rloo': rloo, 'reinforce_pp': reinforce_pp,
+              'reinforce': reinforce}
+
+
+def outcome_advantage(name, rewards_B, group_size, **kw):
+  """ESTIMATORS[name](rewards_B, group_size=group_size, **kw): [B] rewards -> [B] advantages.
+
+  Unknown name -> ValueError listing the known estimators.
+  """
+  if name not in ESTIMATORS:
+    raise ValueError(f'unknown advantage estimator {name!r}; known: '
+                     f'{", ".join(sorted(ESTIMATORS))}')
+  return ESTIMATORS[name](rewards_B, group_size=group_size, **kw)
