@@ -92,6 +92,11 @@ class Rollout:
             jnp.concatenate([self.prompt_mask, self.mask], axis=1))
 
 
+jax.tree_util.register_dataclass(
+    Rollout, data_fields=['prompt_ids', 'prompt_mask', 'tokens', 'mask', 'logprobs',
+                          'decode_steps'], meta_fields=[])
+
+
 def bucket(n: int, buckets: Sequence[int]) -> int:
   """The smallest bucket >= n (error if n exceeds the largest)."""
   for b in sorted(buckets):

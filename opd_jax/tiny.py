@@ -96,3 +96,40 @@ def make_tiny_checkpoint(path: str, *, family: str = 'qwen3', hidden_size: int =
   save_pretrained(model, path)
   tokenizer.save_pretrained(path)
   return path
+
+
+def resolve_model(spec: str | None) -> str | None:
+  """A model path, or `tiny:FAMILY[:key=value,...]` made on first use in a cache directory.
+
+  e.g. `tiny:qwen3:hidden_size=64,num_layers=2,seed=1`. The cache is $OPD_JAX_CACHE or
+  ~/.cache/opd_jax; checkpoints are written to a temporary directory and renamed, so
+  concurrent processes never see a half-written one. Every tiny model shares the same
+  char-level tokenizer, so tiny students and teachers are vocabulary-compatible.
+  """
+  if not spec or not spec.startswith('tiny:'):
+    return spec
+  import hashlib
+  import shutil
+  import tempfile
+  parts = spec.split(':', 2)
+  family = parts[1]
+  kwargs = {}
+  if len(parts) > 2 and parts[2]:
+    for item in parts[2].split(','):
+      k, _, v = item.partition('=')
+      try:
+        kwargs[k.strip()] = int(v)
+      except ValueError as e:
+        raise ValueError(f'model spec {spec!r}: {k}={v!r} is not an integer') from e
+  root = os.environ.get('OPD_JAX_CACHE', os.path.expanduser('~/.cache/opd_jax'))
+  path = os.path.join(root, 'tiny', hashlib.sha1(spec.encode()).hexdigest()[:12] + '-' + family)
+  if os.path.exists(os.path.join(path, 'config.json')):
+    return path
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tmp = tempfile.mkdtemp(dir=os.path.dirname(path))
+  make_tiny_checkpoint(tmp, family=family, overwrite=True, **kwargs)
+  try:
+    os.rename(tmp, path)
+  except OSError:  # another process won the race; its copy is identical
+    shutil.rmtree(tmp, ignore_errors=True)
+  return path

@@ -1,0 +1,146 @@
+"""Held-out evaluation: accuracy and pass@k under verifiable rewards, reverse KL to the
+teachers on the student's own samples, and a few decoded samples for TensorBoard.
+
+Legend: P eval prompts, n samples per prompt, N new tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import defaultdict
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from opd_jax import rewards as rewards_lib
+from opd_jax.data import Record
+from opd_jax.sampling import SamplingParams
+
+
+def record_dict(r: Record) -> dict:
+  """The plain dict the reward functions read (ROLL's field names)."""
+  return {**r.extra, 'id': r.id, 'tag': r.tag, 'ground_truth': r.ground_truth,
+          'test_cases': r.test_cases, 'messages': r.messages}
+
+
+def decode_responses(tokenizer, tokens_BxN, mask_BxN) -> list[str]:
+  """Response texts (special tokens such as the stop token removed)."""
+  tokens, mask = np.asarray(tokens_BxN), np.asarray(mask_BxN).astype(bool)
+  return tokenizer.batch_decode([t[m].tolist() for t, m in zip(tokens, mask)],
+                                skip_special_tokens=True)
+
+
+def allgather_rows(x: np.ndarray) -> np.ndarray:
+  """Concatenates every process's rows (identity on one process)."""
+  if jax.process_count() == 1:
+    return x
+  from jax.experimental import multihost_utils
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+@dataclasses.dataclass
+class EvalSettings:
+  batch_size: int = 64
+  max_new_tokens: int = 256
+  stop_ids: tuple[int, ...] = ()
+  temperature: float = 1.0          # for pass@k and reverse-KL samples (greedy for accuracy)
+  pass_k: tuple[int, ...] = ()      # e.g. (1, 4): n = max(k) samples per prompt
+  reverse_kl: bool = True
+  num_text_samples: int = 4
+
+
+def _chunks(seq, n):
+  for i in range(0, len(seq), n):
+    yield seq[i:i + n]
+
+
+def evaluate(*, step: int, key, student_params, sampler, encoder, tokenizer,
+             records: Sequence[Record], settings: EvalSettings, tag_to_reward=None,
+             default_reward=None, teachers=(), kl_fn=None, writer=None) -> dict[str, float]:
+  """Runs the evaluation on this process's `records`; returns global metrics.
+
+  `kl_fn(tokens, attn, loss_mask, s_b, tags) -> (kl_row_sums [J, B], counts [J, B])` scores
+  student samples with the teachers (the trainer passes its own routed scoring).
+  """
+  metrics: dict[str, float] = {}
+  if not records:
+    return metrics
+  tags = [r.tag for r in records]
+  prompts = encoder.encode_batch(records)
+  keep = [i for i, p in enumerate(prompts) if p is not None]
+  records = [records[i] for i in keep]
+  prompts = [prompts[i] for i in keep]
+  tags = [tags[i] for i in keep]
+  greedy = SamplingParams(max_new_tokens=settings.max_new_tokens, temperature=0.0,
+                          stop_ids=settings.stop_ids)
+  texts: list[str] = []
+  for idx in _chunks(list(range(len(records))), settings.batch_size):
+    out = sampler(student_params, [prompts[i] for i in idx], jax.random.fold_in(key, idx[0]),
+                  greedy)
+    texts += decode_responses(tokenizer, out.tokens, out.mask)
+
+  if tag_to_reward or default_reward:
+    rew = rewards_lib.compute_rewards(texts, [record_dict(r) for r in records],
+                                      dict(tag_to_reward or {}), default=default_reward)
+    all_rew = allgather_rows(np.asarray(rew, np.float32))
+    all_tags = allgather_rows(np.asarray(tags))
+    metrics['eval/accuracy'] = float(all_rew.mean())
+    for t in sorted(set(all_tags.tolist())):
+      metrics[f'eval/accuracy/{t}'] = float(all_rew[all_tags == t].mean())
+
+    if settings.pass_k:
+      n = max(settings.pass_k)
+      sp = SamplingParams(max_new_tokens=settings.max_new_tokens,
+                          temperature=settings.temperature, stop_ids=settings.stop_ids)
+      per_prompt = np.zeros((len(records), n), np.float32)
+      for s in range(n):
+        texts_s = []
+        for idx in _chunks(list(range(len(records))), settings.batch_size):
+          out = sampler(student_params, [prompts[i] for i in idx],
+                        jax.random.fold_in(jax.random.fold_in(key, 1 + s), idx[0]), sp)
+          texts_s += decode_responses(tokenizer, out.tokens, out.mask)
+        per_prompt[:, s] = rewards_lib.compute_rewards(
+            texts_s, [record_dict(r) for r in records], dict(tag_to_reward or {}),
+            default=default_reward)
+      per_prompt = allgather_rows(per_prompt)
+      all_tags = allgather_rows(np.asarray(tags))
+      for k in settings.pass_k:
+        for name, v in rewards_lib.pass_at_k_by_tag(list(all_tags), per_prompt >= 1.0,
+                                                     k).items():
+          metrics[name] = float(v)
+
+  if settings.reverse_kl and teachers and kl_fn is not None:
+    sp = SamplingParams(max_new_tokens=settings.max_new_tokens,
+                        temperature=settings.temperature, stop_ids=settings.stop_ids)
+    sums = defaultdict(float)
+    counts = defaultdict(float)
+    for idx in _chunks(list(range(len(records))), settings.batch_size):
+      out = sampler(student_params, [prompts[i] for i in idx],
+                    jax.random.fold_in(jax.random.fold_in(key, 10**6), idx[0]), sp)
+      tokens, attn = out.sequences()
+      lmask = jnp.concatenate([jnp.zeros_like(out.prompt_mask), out.mask], axis=1)
+      s_b = jnp.concatenate([jnp.zeros(out.prompt_mask.shape, jnp.float32), out.logprobs], 1)
+      kl_sum, cnt = kl_fn(tokens, attn, lmask, s_b, [tags[i] for i in idx])
+      for j, t in enumerate(teachers):
+        sums[t.name] += float(kl_sum[j].sum())
+        counts[t.name] += float(cnt[j].sum())
+    tot_s = allgather_rows(np.asarray([sums[t.name] for t in teachers]))
+    tot_c = allgather_rows(np.asarray([counts[t.name] for t in teachers]))
+    if jax.process_count() > 1:
+      tot_s, tot_c = tot_s.reshape(-1, len(teachers)).sum(0), tot_c.reshape(-1, len(teachers)).sum(0)
+    for j, t in enumerate(teachers):
+      if tot_c[j]:
+        metrics[f'eval/reverse_kl/{t.name}'] = float(tot_s[j] / tot_c[j])
+    if tot_c.sum():
+      metrics['eval/reverse_kl'] = float(tot_s.sum() / tot_c.sum())
+
+  if writer is not None:
+    lines = []
+    for r, text in list(zip(records, texts))[:settings.num_text_samples]:
+      prompt = r.messages[-1]['content']
+      lines.append(f'**{r.id}** ({r.tag}) `{prompt!r}` → `{text!r}`'
+                   f' (ground truth `{r.ground_truth!r}`)')
+    writer.text(step, 'eval/samples', '\n\n'.join(lines))
+  return metrics

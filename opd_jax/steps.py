@@ -1,0 +1,102 @@
+"""Jitted glue between the rollout, the teachers and the update, and SFT batch building.
+
+Legend: B rows, P prompt slots, N response slots, L = P + N, J teachers.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from opd_jax import losses
+from opd_jax.sampling import Rollout, bucket, left_pad
+
+
+@jax.jit
+def rollout_arrays(rollout: Rollout):
+  """(tokens, attention_mask, loss_mask, behaviour_logprobs) [B, L] from a rollout."""
+  tokens, attn = rollout.sequences()
+  zeros = jnp.zeros_like(rollout.prompt_mask)
+  loss_mask = jnp.concatenate([zeros, rollout.mask], axis=1)
+  s_b = jnp.concatenate([zeros.astype(jnp.float32), rollout.logprobs], axis=1)
+  return tokens, attn, loss_mask, s_b
+
+
+@functools.partial(jax.jit, static_argnames=('mode', 'estimator', 'clamp', 'reward_scale'))
+def advantages(s_b_BxL, t_JxBxL, r_BxL, kl_coef_J, route_BxJ, loss_mask_BxL, outcome_B, *,
+               mode: str, estimator: str = 'k1', clamp: float | None = None,
+               reward_scale: float = 1.0):
+  """Per-token advantages and the k1 reverse-KL bookkeeping for metrics.
+
+  mode: 'opd' (−Σ c route KL), 'gopd' (λ(t − r) − (s_b − r) per routed teacher), or 'none'
+  (no teacher term); `outcome_B` (or None) adds an outcome-reward advantage (mixed / RL).
+  Returns (adv [B, L] zero off the loss mask, kl_sum [J, B], kl_count [J, B]): per teacher
+  and row, the sum of k1 KL (s_b − t) over routed response tokens and their number.
+  """
+  m = loss_mask_BxL.astype(jnp.float32)
+  if mode == 'opd':
+    adv, _ = losses.opd_advantage(s_b_BxL, t_JxBxL, kl_coef_J, route_BxJ, estimator=estimator,
+                                  clamp=clamp)
+  elif mode == 'gopd':
+    adv, _ = losses.gopd_advantage(s_b_BxL, t_JxBxL, r_BxL, kl_coef_J, route_BxJ, reward_scale)
+  elif mode == 'none':
+    adv = jnp.zeros_like(s_b_BxL)
+  else:
+    raise ValueError(f'unknown advantage mode {mode!r}')
+  if outcome_B is not None:
+    adv = losses.mixed_advantage(outcome_B, adv, loss_mask_BxL)
+  adv = jnp.where(m > 0, adv, 0.0)
+  routed = route_BxJ.T[:, :, None] * m[None]                 # [J, B, L]
+  kl1 = jnp.where(routed > 0, s_b_BxL[None] - t_JxBxL, 0.0)
+  return adv, kl1.sum(-1), routed.sum(-1)
+
+
+def kl_metrics(kl_sum_JxB: np.ndarray, kl_count_JxB: np.ndarray, tags: Sequence[str],
+               names: Sequence[str], prefix: str = 'opd/reverse_kl') -> dict[str, float]:
+  """Token-weighted mean reverse KL: overall, per teacher and per tag."""
+  out = {}
+  total_c = kl_count_JxB.sum()
+  if total_c == 0:
+    return out
+  out[prefix] = float(kl_sum_JxB.sum() / total_c)
+  for j, n in enumerate(names):
+    if kl_count_JxB[j].sum():
+      out[f'{prefix}/{n}'] = float(kl_sum_JxB[j].sum() / kl_count_JxB[j].sum())
+  tags = np.asarray(tags)
+  for t in sorted(set(tags.tolist())):
+    c = kl_count_JxB[:, tags == t].sum()
+    if c:
+      out[f'{prefix}/tag/{t}'] = float(kl_sum_JxB[:, tags == t].sum() / c)
+  return out
+
+
+def sft_batch(encoder, tokenizer, records, *, response_field: str, eos_id: int,
+              prompt_buckets: Sequence[int], response_buckets: Sequence[int]):
+  """[B, P + R] numpy arrays for supervised training on `record.extra[response_field]`:
+  left-padded prompt, right-padded response + EOS; the loss mask covers the response."""
+  prompts = encoder.encode_batch(records)
+  responses = []
+  for r, p in zip(records, prompts):
+    if p is None:
+      raise ValueError(f'{r.where}: prompt of record {r.id!r} is over data.max_prompt_len; '
+                       'SFT batches cannot skip rows')
+    if response_field not in r.extra or not isinstance(r.extra[response_field], str):
+      raise ValueError(f"{r.where}: field '{response_field}': record {r.id!r} has no "
+                       'string response for SFT (config.sft.response_field)')
+    ids = tokenizer(r.extra[response_field], add_special_tokens=False)['input_ids']
+    responses.append(list(ids) + [eos_id])
+  p_len = bucket(max(len(p) for p in prompts), prompt_buckets)
+  r_len = bucket(max(len(x) for x in responses), response_buckets)
+  p_ids, p_mask = left_pad(prompts, p_len, tokenizer.pad_token_id or 0)
+  r_ids = np.full((len(records), r_len), tokenizer.pad_token_id or 0, np.int32)
+  r_mask = np.zeros((len(records), r_len), np.int32)
+  for i, x in enumerate(responses):
+    r_ids[i, :len(x)] = x
+    r_mask[i, :len(x)] = 1
+  return {'tokens': np.concatenate([p_ids, r_ids], 1),
+          'attention_mask': np.concatenate([p_mask, r_mask], 1),
+          'loss_mask': np.concatenate([np.zeros_like(p_mask), r_mask], 1)}

@@ -1,0 +1,78 @@
+"""Multi-digit addition with written-out column steps: a tiny reasoning task with a
+rule-based checker.
+
+  prompt:    "4721+385"
+  response:  "1+5+0=6\n2+8+0=10\n7+3+1=11\n4+0+1=5\n#### 5106"
+
+Each line adds one column (right to left) with the incoming carry; the answer follows
+`####` and is checked by exact match against `ground_truth` (the reward 'exact_match').
+The carry chain makes single-token mistakes compound, so the task separates a strong
+teacher from a weak student, and a dense per-token signal (OPD) can fix the exact step
+where the student goes wrong.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+
+
+def solve(a: int, b: int, *, forget_carry: bool = False) -> str:
+  """The written-out solution of a + b. `forget_carry` writes the classic mistake instead:
+  every carry is dropped (the answer is then wrong whenever a column overflows)."""
+  da, db = str(a)[::-1], str(b)[::-1]
+  lines, carry, digits = [], 0, []
+  for i in range(max(len(da), len(db))):
+    x = int(da[i]) if i < len(da) else 0
+    y = int(db[i]) if i < len(db) else 0
+    s = x + y + carry
+    lines.append(f'{x}+{y}+{carry}={s}')
+    digits.append(s % 10)
+    carry = 0 if forget_carry else s // 10
+    last = s
+  answer = ('1' if last >= 10 else '') + ''.join(str(d) for d in reversed(digits))
+  lines.append(f'#### {int(answer)}')
+  return '\n'.join(lines)
+
+
+def make_records(n: int, *, seed: int, min_digits: int = 3, max_digits: int = 3,
+                 prefix: str = 'add', exclude: set | None = None,
+                 carry_error_rate: float = 0.0) -> list[dict]:
+  """`n` distinct problems in ROLL's record format, tag 'arith', with the written solution
+  under 'response' (for SFT) and the number under 'ground_truth' (for the checker).
+  `carry_error_rate` is the fraction of responses written with forgotten carries (a noisy
+  dataset); ground_truth is always the true sum."""
+  rng = random.Random(seed)
+  seen = set(exclude or ())
+  out = []
+  while len(out) < n:
+    da, db = rng.randint(min_digits, max_digits), rng.randint(min_digits, max_digits)
+    a, b = rng.randint(10 ** (da - 1), 10 ** da - 1), rng.randint(10 ** (db - 1), 10 ** db - 1)
+    if (a, b) in seen:
+      continue
+    seen.add((a, b))
+    noisy = rng.random() < carry_error_rate
+    out.append({'id': f'{prefix}-{len(out)}', 'prompt': f'{a}+{b}', 'tag': 'arith',
+                'ground_truth': str(a + b), 'response': solve(a, b, forget_carry=noisy),
+                'source': 'synthetic-noisy' if noisy else 'synthetic'})
+  return out
+
+
+def write_dataset(directory: str, *, n_train: int, n_eval: int, seed: int = 0,
+                  carry_error_rate: float = 0.5, **kw) -> dict:
+  """Writes train.jsonl (clean), noisy_train.jsonl (the same problems' count, a share of
+  responses with forgotten carries) and eval.jsonl (held out from both)."""
+  os.makedirs(directory, exist_ok=True)
+  eval_recs = make_records(n_eval, seed=seed + 1, prefix='eval', **kw)
+  held_out = {tuple(map(int, r['prompt'].split('+'))) for r in eval_recs}
+  train_recs = make_records(n_train, seed=seed, prefix='train', exclude=held_out, **kw)
+  noisy_recs = make_records(n_train, seed=seed + 2, prefix='noisy', exclude=held_out,
+                            carry_error_rate=carry_error_rate, **kw)
+  paths = {}
+  for name, recs in (('train', train_recs), ('noisy_train', noisy_recs), ('eval', eval_recs)):
+    paths[name] = os.path.join(directory, f'{name}.jsonl')
+    with open(paths[name], 'w') as f:
+      for r in recs:
+        f.write(json.dumps(r) + '\n')
+  return paths

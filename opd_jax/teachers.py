@@ -1,0 +1,159 @@
+"""Teacher roles: frozen models that score the student's samples, routed by data tag.
+
+Legend: B rows of the batch, L = prompt + response positions, J teachers, K top-k.
+
+A teacher scores only the rows routed to it: the rows are gathered (padded up to a batch
+bucket so few shapes compile), scored, and scattered back; other rows get logprob 0 and
+route 0, so they contribute nothing (losses.opd_advantage ignores unrouted values).
+`tokens_scored` / `rows_forwarded` count what each teacher really ran on.
+
+An in-process teacher lives on the student's mesh or on its own device slice
+(`devices='4:8'`); scoring calls are dispatched without waiting, so teachers on disjoint
+devices run concurrently. A remote teacher (`remote_url`) is served over HTTP by
+`opd_jax.serve_teacher` or any SGLang / vLLM server (opd_jax.remote).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding
+
+from opd_jax import sharding as shd
+from opd_jax.models import load_pretrained
+from opd_jax.sampling import batch_bucket
+from opd_jax.scoring import make_score_fn
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class TeacherSpec:
+  """One entry of `config.teachers` (see configs/ and README's config reference)."""
+  name: str
+  model: str | None = None
+  kl_coef: float = 1.0
+  tags: tuple[str, ...] = ()            # empty: every record
+  sharding: str = 'fsdp_tp'
+  dtype: str = 'float32'
+  devices: str | None = None            # a device slice such as '4:8'; None: the student mesh
+  mesh: dict | None = None              # mesh shape on those devices (default all on fsdp)
+  remote_url: str | None = None
+  remote_protocol: str = 'sglang'       # 'sglang' | 'vllm'
+  remote_timeout_s: float = 60.0
+  remote_retries: int = 3
+  remote_concurrency: int = 16
+
+  def handles(self, tag: str) -> bool:
+    return not self.tags or tag in self.tags
+
+  @classmethod
+  def from_config(cls, name: str, cfg) -> 'TeacherSpec':
+    d = dict(cfg)
+    unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+      raise ValueError(f'config.teachers.{name}: unknown fields {sorted(unknown)}')
+    d['tags'] = tuple(d.get('tags') or ())
+    spec = cls(name=name, **d)
+    if bool(spec.model) == bool(spec.remote_url):
+      raise ValueError(f'config.teachers.{name}: set exactly one of model (in-process) and '
+                       f'remote_url (served elsewhere); got model={spec.model!r}, '
+                       f'remote_url={spec.remote_url!r}')
+    return spec
+
+
+def route_matrix(tags: Sequence[str], specs: Sequence[TeacherSpec]) -> np.ndarray:
+  """route[i, j] = 1.0 when teacher j handles row i's tag. [B, J] float32."""
+  return np.asarray([[1.0 if s.handles(t) else 0.0 for s in specs] for t in tags],
+                    np.float32).reshape(len(tags), len(specs))
+
+
+class LocalTeacher:
+  """A frozen model on the mesh that returns per-token logprobs of given sequences."""
+
+  def __init__(self, spec: TeacherSpec, *, student_mesh, top_k: int = 0,
+               temperature: float = 1.0, model=None):
+    self.spec = spec
+    self.name = spec.name
+    if spec.devices:
+      self.mesh = shd.make_mesh(spec.mesh or {'fsdp': -1}, devices=shd.parse_devices(spec.devices))
+    elif spec.mesh:
+      self.mesh = shd.make_mesh(spec.mesh)
+    else:
+      self.mesh = student_mesh
+    if model is None:
+      model = load_pretrained(spec.model, mesh=self.mesh, dtype=jnp.dtype(spec.dtype),
+                              rules=spec.sharding)
+    self.cfg = model.cfg
+    self.graphdef, self.params = nnx.split(model)
+    self._score = make_score_fn(self.graphdef, top_k=top_k, temperature=temperature)
+    self.top_k = top_k
+    self.tokens_scored = 0
+    self.rows_forwarded = 0
+
+  def score(self, tokens_BxL, mask_BxL, rows: np.ndarray, *, out_sharding=None):
+    """Scores `rows` of the (device) batch; returns {'logprobs' [B, L], ...} for all B rows
+    (zeros on unrouted rows) with `out_sharding`, or None when no row is routed here.
+    Does not block. The caller adds the routed rows' real tokens to `tokens_scored`."""
+    b = tokens_BxL.shape[0]
+    rows = np.asarray(rows, np.int64)
+    if len(rows) == 0:
+      return None
+    mult = shd.batch_size_multiple(self.mesh)
+    full = len(rows) == b and np.array_equal(rows, np.arange(b)) and b % mult == 0
+    if full:
+      sub_tokens, sub_mask = tokens_BxL, mask_BxL
+    else:
+      n = batch_bucket(len(rows), mult)
+      idx = np.concatenate([rows, np.full(n - len(rows), rows[0])])  # pad with a real row
+      sub_tokens = jnp.take(tokens_BxL, jnp.asarray(idx), axis=0)
+      sub_mask = jnp.take(mask_BxL, jnp.asarray(idx), axis=0)
+    sharding = NamedSharding(self.mesh, shd.batch_spec(2))
+    sub_tokens, sub_mask = jax.device_put((sub_tokens, sub_mask), sharding)
+    with jax.set_mesh(self.mesh):
+      out = self._score(self.params, sub_tokens, sub_mask)
+    self.rows_forwarded += int(sub_tokens.shape[0])
+    if out_sharding is not None:
+      out = jax.device_put(out, jax.tree.map(
+          lambda x: NamedSharding(out_sharding.mesh, shd.batch_spec(x.ndim)), out))
+    if full:
+      return out
+    return jax.tree.map(lambda x: jnp.zeros((b,) + x.shape[1:], x.dtype).at[
+        jnp.asarray(rows)].set(x[:len(rows)]), out)
+
+
+def score_teachers(teachers, tokens_BxL, mask_BxL, route_BxJ: np.ndarray, *,
+                   host_mask_BxL: np.ndarray | None = None, out_sharding=None,
+                   count: bool = True):
+  """Scores the batch with every teacher on its routed rows.
+
+  Returns (t_JxBxL logprobs, {teacher: top-k dict or None}) on the student's sharding.
+  With `count`, each teacher's `tokens_scored` grows by the real tokens of its routed rows
+  (from `host_mask_BxL` when given, else summed on device).
+  In-process teachers are dispatched first (they run concurrently on disjoint devices),
+  then remote ones (whose HTTP requests are concurrent among themselves).
+  """
+  b, l = tokens_BxL.shape
+  outs = {}
+  for j, t in enumerate(teachers):
+    rows = np.nonzero(route_BxJ[:, j])[0]
+    if count and len(rows):
+      t.tokens_scored += int(host_mask_BxL[rows].sum() if host_mask_BxL is not None
+                             else jnp.sum(jnp.take(mask_BxL, jnp.asarray(rows), axis=0)))
+    outs[t.name] = t.score(tokens_BxL, mask_BxL, rows, out_sharding=out_sharding)
+  logprobs, extra = [], {}
+  for t in teachers:
+    o = outs[t.name]
+    if o is None:
+      logprobs.append(jnp.zeros((b, l), jnp.float32))
+      extra[t.name] = None
+      continue
+    logprobs.append(o['logprobs'])
+    extra[t.name] = {k: v for k, v in o.items() if k != 'logprobs'} or None
+  return jnp.stack(logprobs), extra

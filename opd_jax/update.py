@@ -1,0 +1,201 @@
+"""The student's train state, optimizer and jitted update step.
+
+Legend: B sequences (the update batch), M micro-batches, L = prompt + response positions,
+K teacher top-k entries.
+
+One update consumes a batch of whole sequences (prompt + response) with per-position
+arrays aligned to token positions (`loss_mask` is 1 on response tokens). The loss is
+
+  'pg'   the importance-sampled policy loss with advantages (OPD, G-OPD, mixed, RL), plus
+         optionally `full_vocab_coef` x a top-k GKD loss against the teacher's top-k;
+  'nll'  negative log-likelihood of the response tokens (SFT / off-policy distillation).
+
+Micro-batches run inside the jitted step with `lax.scan`; the normaliser (token count or
+sequence count) is taken from the whole batch first, so the summed gradient is exactly the
+full-batch gradient. The state is donated: its buffers are reused for the new state.
+Parameters and optimizer state are float32; `compute_dtype` bfloat16 casts the parameters
+inside the step (mixed precision).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from opd_jax import losses
+from opd_jax.scoring import map_vocab_chunks
+
+SCHEDULES = {
+    'constant': lambda lr, total, warmup: optax.constant_schedule(lr),
+    'cosine': lambda lr, total, warmup: optax.cosine_decay_schedule(lr, max(1, total - warmup)),
+    'linear': lambda lr, total, warmup: optax.linear_schedule(lr, 0.0, max(1, total - warmup)),
+}
+
+
+def make_optimizer(optim, total_steps: int) -> tuple[optax.GradientTransformation, Any]:
+  """AdamW with linear warmup into `optim.schedule`, global-norm clipping; (tx, schedule)."""
+  if optim.schedule not in SCHEDULES:
+    raise ValueError(f'config.optim.schedule={optim.schedule!r}; known: {", ".join(SCHEDULES)}')
+  warmup = int(optim.warmup_steps)
+  decay = SCHEDULES[optim.schedule](optim.lr, total_steps, warmup)
+  schedule = (optax.join_schedules([optax.linear_schedule(0.0, optim.lr, warmup), decay],
+                                   [warmup]) if warmup else decay)
+  parts = []
+  if optim.grad_clip:
+    parts.append(optax.clip_by_global_norm(optim.grad_clip))
+  parts.append(optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps,
+                           weight_decay=optim.weight_decay))
+  return optax.chain(*parts), schedule
+
+
+@dataclasses.dataclass(frozen=True)
+class LossSpec:
+  """Static loss settings (hashable: a change recompiles)."""
+  kind: str = 'pg'                      # 'pg' | 'nll'
+  temperature: float = 1.0              # the policy is softmax(logits / temperature)
+  clip_eps: float | None = None
+  clip_eps_high: float | None = None
+  ratio_level: str = 'token'
+  aggregation: str = 'token-mean'
+  full_vocab: str | None = None         # None | 'forward_kl' | 'reverse_kl' | 'jsd'
+  full_vocab_coef: float = 0.0
+  jsd_beta: float = 0.5
+  chunk_size: int | None = None
+  remat: bool = True
+  compute_dtype: str = 'float32'
+
+
+def _cast(params, dtype):
+  if dtype == 'float32':
+    return params
+  return jax.tree.map(lambda p: p.astype(dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p,
+                      params)
+
+
+def _position_terms(logp_BxCxV, ex, *, spec: LossSpec):
+  """Per position: logprob of the next token, entropy, and the optional top-k GKD loss."""
+  out = {'logprobs': jnp.take_along_axis(logp_BxCxV, ex['target'][..., None], -1)[..., 0],
+         'entropy': jax.lax.stop_gradient(losses.entropy_from_logp(logp_BxCxV))}
+  if spec.full_vocab:
+    student_topk = losses.gather_topk(logp_BxCxV, ex['teacher_top_ids'])
+    kw = {'beta': spec.jsd_beta} if spec.full_vocab == 'jsd' else {}
+    out['gkd'] = losses.topk_loss(spec.full_vocab, student_topk, ex['teacher_top_logprobs'],
+                                  **kw)
+  return out
+
+
+def _loss_terms(params, graphdef, batch, spec: LossSpec):
+  """(sum, stats) of the loss on one (micro-)batch; the caller divides by the global count."""
+  model = nnx.merge(graphdef, _cast(params, spec.compute_dtype))
+  tokens, attn = batch['tokens'], batch['attention_mask']
+  lmask = batch['loss_mask']
+  hidden, _ = model.hidden(tokens, attn, remat=spec.remat)
+  extras = {'target': tokens[:, 1:].astype(jnp.int32)}
+  if spec.full_vocab:
+    extras.update(teacher_top_ids=batch['teacher_top_ids'][:, 1:],
+                  teacher_top_logprobs=batch['teacher_top_logprobs'][:, 1:])
+  # hidden[t - 1] predicts tokens[t]: shift, then pad position 0 (never a loss position).
+  out = map_vocab_chunks(hidden[:, :-1], model.unembed_weight(),
+                         functools.partial(_position_terms, spec=spec), extras,
+                         chunk_size=spec.chunk_size, temperature=spec.temperature,
+                         remat=spec.remat)
+  out = {k: jnp.pad(v, ((0, 0), (1, 0))) for k, v in out.items()}
+  s = out['logprobs']
+  m = lmask.astype(jnp.float32)
+  stats = {'entropy_sum': jnp.sum(out['entropy'] * m)}
+  if spec.kind == 'nll':
+    per_token = jnp.where(m > 0, -s, 0.0)
+  else:
+    per_token, is_stats = losses.policy_loss(
+        s, batch['behaviour_logprobs'], batch['advantages'], lmask, clip_eps=spec.clip_eps,
+        clip_eps_high=spec.clip_eps_high, ratio_level=spec.ratio_level)
+    ratio = jax.lax.stop_gradient(is_stats['ratio_BxT'])
+    stats.update(ratio_sum=jnp.sum(ratio * m),
+                 ratio_max=jnp.max(jnp.where(m > 0, ratio, -jnp.inf)),
+                 ratio_min=jnp.min(jnp.where(m > 0, ratio, jnp.inf)),
+                 clipped=jnp.sum(is_stats['clipped_BxT'] * m))
+    if spec.full_vocab:
+      gkd = jnp.where(m > 0, out['gkd'], 0.0)
+      per_token = per_token + spec.full_vocab_coef * gkd
+      stats['gkd_sum'] = jnp.sum(jax.lax.stop_gradient(gkd))
+  if 'token_weights' in batch:  # e.g. truncated IS weights
+    per_token = per_token * jax.lax.stop_gradient(batch['token_weights'])
+  total, _ = losses.aggregate(per_token, lmask, spec.aggregation)
+  return total, stats
+
+
+def make_train_state(params, tx):
+  return {'params': params, 'opt_state': tx.init(params), 'step': jnp.zeros((), jnp.int32)}
+
+
+def make_update_fn(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, schedule,
+                   spec: LossSpec, micro_batches: int = 1):
+  """A jitted `(state, batch) -> (state, metrics)` with the state donated.
+
+  `batch` holds [B, L] arrays: tokens, attention_mask, loss_mask, and for 'pg'
+  behaviour_logprobs and advantages (plus teacher_top_ids / teacher_top_logprobs [B, L, K]
+  for a full-vocabulary term). B must be divisible by `micro_batches`.
+  """
+  def update(state, batch):
+    b = batch['tokens'].shape[0]
+    if b % micro_batches:
+      raise ValueError(f'update batch of {b} rows is not divisible by micro_batches='
+                       f'{micro_batches}')
+    _, count = losses.aggregate(jnp.zeros(batch['loss_mask'].shape), batch['loss_mask'],
+                                spec.aggregation)
+    count = jnp.maximum(count, 1.0)
+    value_and_grad = jax.value_and_grad(lambda p, mb: _loss_terms(p, graphdef, mb, spec),
+                                        has_aux=True)
+
+    def micro(carry, mb):
+      grads, loss_sum, stats = carry
+      (lv, st), g = value_and_grad(state['params'], mb)
+      grads = jax.tree.map(jnp.add, grads, g)
+      stats = _merge_stats(stats, st)
+      return (grads, loss_sum + lv, stats), None
+
+    split = jax.tree.map(lambda x: x.reshape((micro_batches, b // micro_batches) + x.shape[1:]),
+                         batch)
+    zeros = jax.tree.map(jnp.zeros_like, state['params'])
+    first = jax.tree.map(lambda x: x[0], split)
+    stats0 = jax.tree.map(jnp.zeros_like, jax.eval_shape(
+        lambda: _loss_terms(state['params'], graphdef, first, spec)[1]))
+    stats0 = {k: (jnp.full_like(v, -jnp.inf) if k == 'ratio_max' else
+                  jnp.full_like(v, jnp.inf) if k == 'ratio_min' else v)
+              for k, v in stats0.items()}
+    (grads, loss_sum, stats), _ = jax.lax.scan(micro, (zeros, jnp.zeros(()), stats0), split)
+    grads = jax.tree.map(lambda g: g / count, grads)
+    updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
+    params = optax.apply_updates(state['params'], updates)
+    new_state = {'params': params, 'opt_state': opt_state, 'step': state['step'] + 1}
+
+    n_tokens = jnp.maximum(jnp.sum(batch['loss_mask']), 1.0)
+    metrics = {'loss': loss_sum / count, 'grad_norm': optax.global_norm(grads),
+               'lr': schedule(state['step']), 'policy/entropy': stats['entropy_sum'] / n_tokens}
+    if 'ratio_sum' in stats:
+      metrics.update({'is/ratio_mean': stats['ratio_sum'] / n_tokens,
+                      'is/ratio_max': stats['ratio_max'], 'is/ratio_min': stats['ratio_min'],
+                      'is/clip_frac': stats['clipped'] / n_tokens})
+    if 'gkd_sum' in stats:
+      metrics['loss/full_vocab'] = stats['gkd_sum'] / n_tokens
+    return new_state, metrics
+
+  return jax.jit(update, donate_argnums=(0,))
+
+
+def _merge_stats(a, b):
+  out = {}
+  for k in a:
+    if k == 'ratio_max':
+      out[k] = jnp.maximum(a[k], b[k])
+    elif k == 'ratio_min':
+      out[k] = jnp.minimum(a[k], b[k])
+    else:
+      out[k] = a[k] + b[k]
+  return out

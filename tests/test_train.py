@@ -1,0 +1,210 @@
+"""The trainer end to end: every recipe loads and its runlocal form runs, TensorBoard and
+console output, exact resume, SIGTERM, non-finite stop, SFT, and a shrunk CPU demo."""
+
+import glob
+import importlib.util
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from _util import read_events
+from opd_jax.train import ConfigError, run
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RECIPES = sorted(p for p in glob.glob(os.path.join(ROOT, 'configs', '*.py'))
+                 if not os.path.basename(p).startswith('_'))
+
+
+def load_config(name, arg=None):
+  path = os.path.join(ROOT, 'configs', name + '.py')
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  sys.path.insert(0, ROOT)
+  try:
+    spec.loader.exec_module(module)
+    return module.get_config(arg) if arg is not None else module.get_config()
+  finally:
+    sys.path.remove(ROOT)
+
+
+def with_overrides(config, **kw):
+  config.unlock()
+  for key, value in kw.items():
+    obj = config
+    *path, last = key.split('__')
+    for p in path:
+      obj = obj[p]
+    obj[last] = value
+  config.lock()
+  return config
+
+
+def _runlocal_recipes():
+  out = []
+  for path in RECIPES:
+    with open(path) as f:
+      if "'runlocal'" in f.read():
+        out.append(os.path.basename(path)[:-3])
+  return out
+
+
+@pytest.mark.parametrize('path', RECIPES, ids=os.path.basename)
+def test_every_recipe_loads_and_is_locked(path):
+  name = os.path.basename(path)[:-3]
+  config = load_config(name)
+  assert config.is_locked and config.total_steps > 0
+  with pytest.raises(AttributeError):
+    config.no_such_field = 1  # a typo in an override is an error, not a new field
+  with open(path) as f:
+    assert 'python -m opd_jax' in f.read()  # the docstring shows the command line
+
+
+@pytest.fixture(scope='module')
+def single_teacher_run(tmp_path_factory, capfd_module=None):
+  workdir = str(tmp_path_factory.mktemp('single'))
+  config = load_config('opd_single_teacher', 'runlocal')
+  result = run(config, workdir)
+  return workdir, result
+
+
+@pytest.mark.parametrize('name', [n for n in _runlocal_recipes() if n != 'opd_single_teacher'])
+def test_runlocal_recipes_run_two_steps(name, tmp_path):
+  result = run(load_config(name, 'runlocal'), str(tmp_path))
+  assert result['step'] == 2 and not result['preempted']
+  assert os.path.exists(tmp_path / 'checkpoints' / '2')
+  assert os.path.exists(tmp_path / 'export' / 'config.json')
+  assert np.isfinite(result['history']['loss'][-1][1])
+
+
+def test_single_teacher_runlocal_logs_everything(single_teacher_run):
+  workdir, result = single_teacher_run
+  assert result['step'] == 2
+  events = read_events(workdir)
+  for tag in ['loss', 'opd/reverse_kl', 'opd/reverse_kl/teacher', 'opd/reverse_kl/tag/math',
+              'is/ratio_mean', 'is/ratio_max', 'is/clip_frac', 'policy/entropy',
+              'rollout/response_len', 'eval/accuracy', 'eval/accuracy/math',
+              'eval/reverse_kl', 'perf/tokens_per_s/rollout', 'perf/tokens_per_s/scoring',
+              'perf/tokens_per_s/update', 'eval/samples']:
+    assert tag in events, (tag, sorted(events))
+  assert [s for s, _ in events['loss']] == [1, 2]
+  # On-policy with one optimizer step per batch, the importance ratio is exactly 1 and the
+  # plain-IS loss equals the mean k1 reverse KL.
+  np.testing.assert_allclose([v for _, v in events['is/ratio_mean']], 1.0, atol=1e-5)
+  np.testing.assert_allclose([v for _, v in events['loss']],
+                             [v for _, v in events['opd/reverse_kl']], rtol=1e-4, atol=1e-5)
+  assert 'ground truth' in events['eval/samples'][0][1]
+  assert result['tokens_scored']['teacher'] > 0
+
+
+def test_console_progress_line(tmp_path):
+  env = dict(os.environ, OPD_JAX_CACHE=os.environ.get('OPD_JAX_CACHE', ''))
+  env.pop('OPD_JAX_CACHE') if not env['OPD_JAX_CACHE'] else None
+  out = subprocess.run(
+      [sys.executable, '-m', 'opd_jax.train', '--config',
+       'configs/opd_single_teacher.py:runlocal', '--workdir', str(tmp_path),
+       '--config.total_steps=2', '--config.eval.num_prompts=2'],
+      cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+  assert out.returncode == 0, out.stderr[-3000:]
+  lines = [l for l in out.stdout.splitlines() if l.startswith('step ')]
+  assert lines[0].startswith('step 1/2 | ') and 'elapsed' in lines[0] and 'ETA' in lines[0]
+  assert 'loss ' in lines[0] and 'reverse_kl ' in lines[0]
+  assert any(l.startswith('eval step 2/2') and 'acc ' in l for l in out.stdout.splitlines())
+
+
+def _history(result, key):
+  return {s: v for s, v in result['history'].get(key, [])}
+
+
+def test_resume_is_exact(tmp_path):
+  base = dict(total_steps=4, checkpoint__every=10, eval__num_prompts=0)
+  straight = run(with_overrides(load_config('opd_single_teacher', 'runlocal'), **base),
+                 str(tmp_path / 'straight'))
+  cut = with_overrides(load_config('opd_single_teacher', 'runlocal'), debug__stop_at_step=2,
+                       **base)
+  first = run(cut, str(tmp_path / 'resumed'))
+  assert first['preempted'] and first['step'] == 2
+  second = run(with_overrides(load_config('opd_single_teacher', 'runlocal'), **base),
+               str(tmp_path / 'resumed'))
+  assert second['step'] == 4
+  for key in ('loss', 'opd/reverse_kl', 'grad_norm', 'rollout/response_len'):
+    a, b = _history(straight, key), _history(second, key)
+    assert set(b) == {3, 4}
+    for step in (3, 4):
+      assert a[step] == pytest.approx(b[step], rel=1e-6, abs=1e-7), (key, step)
+
+
+def test_sigterm_saves_and_exits_cleanly(tmp_path):
+  proc = subprocess.Popen(
+      [sys.executable, '-u', '-m', 'opd_jax.train', '--config',
+       'configs/opd_single_teacher.py:runlocal', '--workdir', str(tmp_path),
+       '--config.total_steps=500', '--config.checkpoint.every=1000'],
+      cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  deadline = time.time() + 400
+  seen = []
+  try:
+    for line in proc.stdout:
+      seen.append(line)
+      if line.startswith('step 2/500'):
+        proc.send_signal(signal.SIGTERM)
+        break
+      assert time.time() < deadline, ''.join(seen[-20:])
+    rest, _ = proc.communicate(timeout=300)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  out = ''.join(seen) + rest
+  assert proc.returncode == 0, out[-3000:]
+  assert 'SIGTERM received' in out
+  steps = sorted(int(p) for p in os.listdir(tmp_path / 'checkpoints') if p.isdigit())
+  assert steps and 2 <= steps[-1] < 500
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+  config = with_overrides(load_config('opd_single_teacher', 'runlocal'), total_steps=5,
+                          optim__lr=1e30, optim__grad_clip=0.0, checkpoint__every=1,
+                          eval__num_prompts=0)
+  with pytest.raises(FloatingPointError, match=r'non-finite .* at step (\d+)') as err:
+    run(config, str(tmp_path))
+  bad_step = int(str(err.value).split('at step ')[1].split(';')[0])
+  steps = sorted(int(p) for p in os.listdir(tmp_path / 'checkpoints') if p.isdigit())
+  assert steps[-1] == bad_step - 1  # nothing was written for the bad step
+  assert f'step {bad_step - 1}' in str(err.value)
+  # the last good checkpoint restores
+  resumed = with_overrides(load_config('opd_single_teacher', 'runlocal'),
+                           total_steps=bad_step - 1, eval__num_prompts=0)
+  assert run(resumed, str(tmp_path))['step'] == bad_step - 1
+
+
+def test_sft_on_teacher_generated_responses(tmp_path):
+  config = with_overrides(load_config('opd_single_teacher', 'runlocal'), mode='sft',
+                          sft__source='teacher', sft__batch_size=8, eval__num_prompts=2)
+  result = run(config, str(tmp_path))
+  assert result['step'] == 2 and np.isfinite(result['history']['loss'][-1][1])
+
+
+def test_config_errors_name_the_field(tmp_path):
+  config = with_overrides(load_config('opd_single_teacher', 'runlocal'))
+  config.unlock()
+  del config.teachers['teacher']
+  config.lock()
+  with pytest.raises(ConfigError, match=r'config.teachers.*config.rl.estimator'):
+    run(config, str(tmp_path))
+  config = with_overrides(load_config('opd_single_teacher', 'runlocal'),
+                          rollout__prompts_per_step=3)
+  with pytest.raises(ConfigError, match='not divisible'):
+    run(config, str(tmp_path / 'b'))
+
+
+def test_shrunk_demo_reverse_kl_falls(tmp_path):
+  from opd_jax.demo import run_demo
+  out = run_demo(str(tmp_path), tiny=True, stages=('teacher', 'student', 'opd'))
+  kl = out['results']['opd']['history']['eval/reverse_kl']
+  print('eval reverse KL over OPD steps:', kl)
+  assert kl[0][0] == 0 and kl[-1][0] == 30
+  assert kl[-1][1] < 0.9 * kl[0][1]
+  assert os.path.exists(tmp_path / 'results.md') and os.path.exists(tmp_path / 'demo_curves.png')
