@@ -28,6 +28,8 @@ def shrink(c):
   c.eval.num_prompts = 8
   c.eval.batch_size = 8
   c.checkpoint.every = 1
+  c.batch.mini_batches = 1
+  c.batch.micro_batches = 1
   c.checkpoint.async_save = False
   for t in c.teachers.values():
     if t.model is not None or t.remote_url is None:

@@ -194,6 +194,14 @@ def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
   return NamedSharding(mesh, batch_spec(ndim))
 
 
+def rows_sharding(mesh: Mesh, rows: int, ndim: int = 2) -> NamedSharding:
+  """The batch sharding when the data axes divide `rows`, else replicated (small, odd-sized
+  batches such as the last chunk of an evaluation)."""
+  if rows % batch_size_multiple(mesh):
+    return NamedSharding(mesh, P())
+  return batch_sharding(mesh, ndim)
+
+
 def shard_batch(batch, mesh: Mesh):
   """Places a pytree of host arrays [B, ...] (the *global* batch, identical on every process)
   with B split over the data axes. On several processes use `shard_local_batch`."""
@@ -239,3 +247,20 @@ def constrain(x, *spec):
       axes = ()
     out.append(None if not axes else axes[0] if len(axes) == 1 else axes)
   return jax.lax.with_sharding_constraint(x, P(*out))
+
+
+def match_shardings(tree, reference, mesh: Mesh):
+  """Shardings for `tree` taken from `reference` (arrays with shardings): a leaf whose path
+  ends with a reference leaf's path and has its shape gets that sharding (so optimizer
+  moments follow their parameters); anything else is replicated. Pinning these as a jitted
+  step's in/out shardings keeps them stable from step to step (no recompiles)."""
+  ref = [(path_str(kp), tuple(x.shape), x.sharding)
+         for kp, x in jax.tree_util.tree_flatten_with_path(reference)[0]]
+
+  def pick(kp, leaf):
+    p = path_str(kp)
+    for rp, shape, sharding in ref:
+      if tuple(leaf.shape) == shape and (p == rp or p.endswith('/' + rp)):
+        return sharding
+    return NamedSharding(mesh, P())
+  return jax.tree_util.tree_map_with_path(pick, tree)

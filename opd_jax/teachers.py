@@ -16,6 +16,7 @@ devices run concurrently. A remote teacher (`remote_url`) is served over HTTP by
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from collections.abc import Sequence
 
@@ -23,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from opd_jax import sharding as shd
 from opd_jax.models import load_pretrained
@@ -119,13 +120,29 @@ class LocalTeacher:
     with jax.set_mesh(self.mesh):
       out = self._score(self.params, sub_tokens, sub_mask)
     self.rows_forwarded += int(sub_tokens.shape[0])
-    if out_sharding is not None:
-      out = jax.device_put(out, jax.tree.map(
-          lambda x: NamedSharding(out_sharding.mesh, shd.batch_spec(x.ndim)), out))
     if full:
-      return out
-    return jax.tree.map(lambda x: jnp.zeros((b,) + x.shape[1:], x.dtype).at[
-        jnp.asarray(rows)].set(x[:len(rows)]), out)
+      return out if out_sharding is None else jax.device_put(out, jax.tree.map(
+          lambda x: shd.rows_sharding(out_sharding.mesh, b, x.ndim), out))
+    if out_sharding is not None:  # the routed rows are few: move them replicated, scatter there
+      out = jax.device_put(out, NamedSharding(out_sharding.mesh, P()))
+    return _scatter_rows(out, jnp.asarray(rows), b, out_sharding)
+
+
+def _scatter_rows(sub, rows, b: int, out_sharding):
+  """[n, ...] results of rows `rows` into zeros [b, ...], batch-sharded like the student."""
+  mesh = None if out_sharding is None else out_sharding.mesh
+  ndims = tuple(sorted((k, v.ndim) for k, v in sub.items()))
+  return _scatter_fn(b, mesh, ndims)(sub, rows)
+
+
+@functools.lru_cache(maxsize=64)
+def _scatter_fn(b: int, mesh, ndims):
+  def scatter(sub, rows):
+    return {k: jnp.zeros((b,) + x.shape[1:], x.dtype).at[rows].set(x[:rows.shape[0]])
+            for k, x in sub.items()}
+  if mesh is None:
+    return jax.jit(scatter)
+  return jax.jit(scatter, out_shardings={k: shd.rows_sharding(mesh, b, nd) for k, nd in ndims})
 
 
 def score_teachers(teachers, tokens_BxL, mask_BxL, route_BxJ: np.ndarray, *,

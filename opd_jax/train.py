@@ -182,12 +182,17 @@ def run(config, workdir: str) -> dict:
     raise ConfigError(f"config.sft.source={config.sft.source!r}; expected 'dataset' or 'teacher'")
   mini = int(config.batch.mini_batches)
   tx, schedule = make_optimizer(config.optim, total_steps * mini)
+  param_shardings = jax.tree.map(lambda x: x.sharding, params)
+  state_shardings = shd.match_shardings(
+      jax.eval_shape(lambda p: make_train_state(p, tx), params), params, mesh)
   update_fn = make_update_fn(graphdef, tx, schedule, loss_spec(config),
-                             micro_batches=config.batch.micro_batches)
+                             micro_batches=config.batch.micro_batches,
+                             state_shardings=state_shardings)
   with jax.set_mesh(mesh):
-    state = jax.jit(lambda p: make_train_state(p, tx))(params)
+    state = jax.jit(lambda p: make_train_state(p, tx), out_shardings=state_shardings)(params)
   del params, student
-  cast = jax.jit(lambda p: jax.tree.map(lambda x: x.astype(config.student.compute_dtype), p))
+  cast = jax.jit(lambda p: jax.tree.map(lambda x: x.astype(config.student.compute_dtype), p),
+                 out_shardings=param_shardings)
   coef_J = jnp.asarray([s.kl_coef for s in specs], jnp.float32)
   adv_mode = ('gopd' if config.gopd.enabled else 'opd') if use_opd else 'none'
 
@@ -234,8 +239,8 @@ def run(config, workdir: str) -> dict:
   batch_rows = (config.sft.batch_size if config.mode == 'sft'
                 else config.rollout.prompts_per_step * n)
   if batch_rows % (mini * config.batch.micro_batches * shd.batch_size_multiple(mesh)):
-    raise ConfigError(f'the batch of {batch_rows} rows is not divisible by update.mini_batches '
-                      f'x update.micro_batches x the data-parallel extent ({mini} x '
+    raise ConfigError(f'the batch of {batch_rows} rows is not divisible by batch.mini_batches '
+                      f'x batch.micro_batches x the data-parallel extent ({mini} x '
                       f'{config.batch.micro_batches} x {shd.batch_size_multiple(mesh)})')
   result = {'preempted': False, 'step': start_step}
   with PreemptionFlag() as preempt:

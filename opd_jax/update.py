@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from opd_jax import losses
 from opd_jax.scoring import map_vocab_chunks
@@ -135,8 +136,11 @@ def make_train_state(params, tx):
 
 
 def make_update_fn(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, schedule,
-                   spec: LossSpec, micro_batches: int = 1):
+                   spec: LossSpec, micro_batches: int = 1, state_shardings=None):
   """A jitted `(state, batch) -> (state, metrics)` with the state donated.
+
+  `state_shardings` (see sharding.match_shardings) pins the new state's layout to the old
+  one's, so the step compiles once instead of again when XLA picks other output shardings.
 
   `batch` holds [B, L] arrays: tokens, attention_mask, loss_mask, and for 'pg'
   behaviour_logprobs and advantages (plus teacher_top_ids / teacher_top_logprobs [B, L, K]
@@ -176,7 +180,7 @@ def make_update_fn(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, sch
     new_state = {'params': params, 'opt_state': opt_state, 'step': state['step'] + 1}
 
     n_tokens = jnp.maximum(jnp.sum(batch['loss_mask']), 1.0)
-    metrics = {'loss': loss_sum / count, 'grad_norm': optax.global_norm(grads),
+    metrics = {'loss': loss_sum / count, 'grad_norm': optax.tree.norm(grads),
                'lr': schedule(state['step']), 'policy/entropy': stats['entropy_sum'] / n_tokens}
     if 'ratio_sum' in stats:
       metrics.update({'is/ratio_mean': stats['ratio_sum'] / n_tokens,
@@ -186,7 +190,11 @@ def make_update_fn(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, sch
       metrics['loss/full_vocab'] = stats['gkd_sum'] / n_tokens
     return new_state, metrics
 
-  return jax.jit(update, donate_argnums=(0,))
+  if state_shardings is None:
+    return jax.jit(update, donate_argnums=(0,))
+  mesh = jax.tree.leaves(state_shardings)[0].mesh
+  return jax.jit(update, donate_argnums=(0,), in_shardings=(state_shardings, None),
+                 out_shardings=(state_shardings, NamedSharding(mesh, P())))
 
 
 def _merge_stats(a, b):

@@ -2,11 +2,21 @@
 sharding tests can build real meshes; single-device tests simply use device 0."""
 
 import os
+import tempfile
 
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
+# Many tests run the real trainer on the same tiny models: JAX's persistent compilation
+# cache lets every run after the first reuse the compiled steps (it is keyed on the HLO, the
+# JAX version and the devices, so a stale entry cannot be picked up). Subprocesses inherit it.
+_CACHE_ROOT = os.path.join(tempfile.gettempdir(), f'opd_jax_tests_{os.getuid()}')
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', os.path.join(_CACHE_ROOT, 'jax'))
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '-1')
+# tiny:... model specs are built once per session here, not in the user's ~/.cache.
+os.environ.setdefault('OPD_JAX_CACHE', tempfile.mkdtemp(prefix='opd_jax_tiny_'))
 
 import json  # noqa: E402
 

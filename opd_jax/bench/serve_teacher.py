@@ -1,0 +1,161 @@
+"""Teacher scoring server throughput: tokens scored per second with 1 and with N clients.
+
+  python -m opd_jax.bench.serve_teacher --model DIR --clients 1,16 --seq-len 256 --requests 64
+
+Starts `python -m opd_jax.serve_teacher --model DIR --port 0` (or uses a running server with
+--url), then for each client count C sends `--requests` sequences of `--seq-len` random token
+ids as SGLang /generate scoring requests, C at a time (closed loop: each client sends its
+next request when the last one is answered). Every batch shape is compiled first (one batch
+request per power-of-two size), then each setting runs once untimed and once timed. Prints
+one detail line and then `clients=C tokens_per_s=<n>` per setting, the last setting last.
+`device_busy` is the share of the wall time the server spent in device calls: near 1 the
+model is the limit, well below 1 HTTP / JSON / Python overhead is. `--make-model` first
+writes the ~4M-parameter Qwen3 of opd_jax.bench.sampler to --model if it has no config.json.
+"""
+
+import argparse
+import json
+import os
+import queue
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+
+def _get(url):
+  with urllib.request.urlopen(url, timeout=30) as r:
+    return json.load(r)
+
+
+def start_server(model, extra_args, timeout_s=600):
+  """A serve_teacher process on a free loopback port; returns (process, url)."""
+  proc = subprocess.Popen(
+      [sys.executable, '-u', '-m', 'opd_jax.serve_teacher', '--model', model, '--port', '0',
+       *extra_args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  urls, lines = queue.Queue(), []
+
+  def read():
+    for line in proc.stdout:
+      lines.append(line)
+      if line.startswith('serving ') and ' on http://' in line:
+        urls.put(line.rsplit(' on ', 1)[1].strip())
+    urls.put(None)
+  threading.Thread(target=read, daemon=True).start()
+  try:
+    url = urls.get(timeout=timeout_s)
+  except queue.Empty:
+    url = None
+  if url is None:
+    proc.kill()
+    raise RuntimeError('the server did not start:\n' + ''.join(lines[-30:]))
+  return proc, url
+
+
+def run_setting(url, seqs, clients, *, timeout_s=600):
+  """Sends `seqs` with `clients` concurrent closed-loop clients; returns per-request latencies
+  and the wall time."""
+  from opd_jax.remote import request_json
+  todo = queue.Queue()
+  for s in seqs:
+    todo.put(s)
+  latencies, errors = [], []
+
+  def client():
+    while True:
+      try:
+        ids = todo.get_nowait()
+      except queue.Empty:
+        return
+      t0 = time.perf_counter()
+      try:
+        ans = request_json(url + '/generate', dict(
+            input_ids=ids, return_logprob=True, logprob_start_len=0,
+            sampling_params=dict(max_new_tokens=0, temperature=1.0)),
+            timeout_s=timeout_s, retries=0)
+        assert len(ans['meta_info']['input_token_logprobs']) == len(ids)
+      except Exception as e:  # noqa: BLE001 -- reported below
+        errors.append(e)
+        return
+      latencies.append(time.perf_counter() - t0)
+
+  t0 = time.perf_counter()
+  threads = [threading.Thread(target=client) for _ in range(clients)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  wall = time.perf_counter() - t0
+  if errors:
+    raise RuntimeError(f'{len(errors)} requests failed; first: {errors[0]}')
+  return latencies, wall
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  ap.add_argument('--model', help='checkpoint directory to serve (not needed with --url)')
+  ap.add_argument('--url', help='a running server instead of starting one')
+  ap.add_argument('--clients', default='1,16', help='comma-separated concurrent client counts')
+  ap.add_argument('--seq-len', type=int, default=256)
+  ap.add_argument('--requests', type=int, default=64, help='sequences per setting')
+  ap.add_argument('--server-args', default='--max-batch-size 16',
+                  help='extra serve_teacher arguments when starting one')
+  ap.add_argument('--make-model', action='store_true',
+                  help='write the benchmark Qwen3 (opd_jax.bench.sampler) to --model first')
+  args = ap.parse_args(argv)
+  if not args.url and not args.model:
+    ap.error('give --model (to start a server) or --url')
+
+  import numpy as np
+  proc = None
+  if args.make_model:
+    from opd_jax.bench.sampler import make_bench_model
+    if not os.path.exists(os.path.join(args.model, 'config.json')):
+      make_bench_model(args.model)
+  url = args.url
+  if not url:
+    proc, url = start_server(args.model, args.server_args.split())
+  try:
+    info = _get(url + '/get_model_info')
+    rng = np.random.RandomState(0)
+    seqs = [rng.randint(0, info['vocab_size'], args.seq_len).tolist()
+            for _ in range(args.requests)]
+    print(f"model={info['model_path']} vocab={info['vocab_size']} mesh={info.get('mesh')} "
+          f"max_batch_size={info.get('max_batch_size')} seq_len={args.seq_len} "
+          f'requests={args.requests} url={url}', flush=True)
+    # One batch request of n sequences is one device call of n rows: compile every batch
+    # bucket the timed runs can produce, so no compile lands inside a timed run.
+    from opd_jax.remote import request_json
+    n = 1
+    while n <= min(args.requests, info.get('max_batch_size') or args.requests):
+      request_json(url + '/generate', dict(input_ids=seqs[:n], return_logprob=True,
+                                           sampling_params=dict(max_new_tokens=0)),
+                   timeout_s=600, retries=0)
+      n *= 2
+    results = []
+    for clients in [int(c) for c in args.clients.split(',')]:
+      run_setting(url, seqs, clients)  # untimed warm-up of this setting
+      before = _get(url + '/get_model_info')
+      latencies, wall = run_setting(url, seqs, clients)
+      after = _get(url + '/get_model_info')
+      calls = after['device_calls'] - before['device_calls']
+      busy = (after['device_s'] - before['device_s']) / wall
+      compiles = after['compiled_shapes'] - before['compiled_shapes']
+      tps = args.requests * args.seq_len / wall
+      print(f'  clients={clients} wall_s={wall:.2f} device_calls={calls} '
+            f'mean_batch={args.requests / max(calls, 1):.1f} device_busy={busy:.2f} '
+            f'p50_latency_ms={1e3 * statistics.median(latencies):.0f} '
+            f'new_compiles={compiles}', flush=True)
+      results.append((clients, tps))
+    for clients, tps in results:
+      print(f'clients={clients} tokens_per_s={tps:.1f}')
+  finally:
+    if proc is not None:
+      proc.kill()
+      proc.wait(timeout=30)
+
+
+if __name__ == '__main__':
+  main()
