@@ -36,6 +36,7 @@ Exit status 0 unless the compilation fails; `--strict` makes an over-HBM peak ex
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 import json
@@ -44,7 +45,26 @@ import os
 import re
 import subprocess
 import sys
+import time
 from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax._src import xla_bridge  # backends_are_initialized(): no public equivalent
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from opd_jax import sharding as shd
+from opd_jax import tiny
+from opd_jax.models import Decoder, read_hf_config
+from opd_jax.models.presets import PRESETS, preset_config, preset_name
+from opd_jax.sampling import DEFAULT_PROMPT_BUCKETS, Sampler, SamplingParams, batch_bucket
+from opd_jax.sampling import bucket as prompt_bucket
+from opd_jax.scoring import make_score_fn
+from opd_jax.teachers import TeacherSpec
+from opd_jax.train import ConfigError, loss_spec, rollout_params, validate
+from opd_jax.update import make_optimizer, make_train_state, make_update_fn
 
 GiB = 2**30
 
@@ -78,8 +98,11 @@ class Topology:
 
 
 def _grid(chips: int, dims: int) -> list[int]:
-  """The slice's chip grid: powers of two, the smallest side doubled first (v5e-16 -> 4x4,
-  v4-32 -> 2x2x4, v5p-64 -> 2x4x4), as Cloud TPU lays out its standard slices."""
+  """The slice's chip grid as Cloud TPU lays out its standard slices: powers of two, the
+  smallest side doubled first (v5e-16 -> 4x4, v4-32 -> 2x2x4, v5p-64 -> 2x4x4); a 3-D slice
+  of one host is 2x2x1."""
+  if dims == 3 and chips == 4:
+    return [2, 2, 1]
   shape = [1] * dims
   while math.prod(shape) < chips:
     shape.sort()
@@ -130,7 +153,6 @@ def libtpu_available() -> bool:
 
 def tpu_target(topo: Topology) -> Target:
   """Compile-only TPU devices for `topo` (needs libtpu; no TPU hardware)."""
-  import jax
   from jax.experimental import topologies
   desc = topologies.get_topology_desc(topo.layout, 'tpu')
   devices = list(desc.devices)
@@ -143,7 +165,6 @@ def tpu_target(topo: Topology) -> Target:
 
 def cpu_target(n: int, topo: Topology | None) -> Target:
   """`n` CPU devices (fake ones: XLA_FLAGS set by `main` before JAX starts)."""
-  import jax
   devices = jax.devices('cpu')
   if len(devices) != n:
     raise AotError(f'the CPU estimate needs {n} CPU devices but JAX has {len(devices)}; run '
@@ -165,9 +186,6 @@ class ModelSource:
 
 def model_source(spec: str | None, field: str) -> ModelSource:
   """The architecture of a config's model entry: directory, `tiny:` spec, or preset."""
-  from opd_jax import tiny
-  from opd_jax.models import read_hf_config
-  from opd_jax.models.presets import PRESETS, preset_config, preset_name
   if not spec:
     raise AotError(f'{field}: no model set')
   path = tiny.resolve_model(spec)
@@ -186,11 +204,6 @@ def model_source(spec: str | None, field: str) -> ModelSource:
 
 def _abstract_params(src: ModelSource, dtype, mesh, rules):
   """(graphdef, params as ShapeDtypeStructs carrying their NamedShardings)."""
-  import jax
-  from flax import nnx
-
-  from opd_jax import sharding as shd
-  from opd_jax.models import Decoder
   model = nnx.eval_shape(lambda: Decoder(src.cfg, dtype=dtype, rngs=nnx.Rngs(0),
                                          hf_config=src.hf))
   graphdef, state = nnx.split(model)
@@ -200,13 +213,11 @@ def _abstract_params(src: ModelSource, dtype, mesh, rules):
 
 
 def _sds(shape, dtype, sharding):
-  import jax
   return jax.ShapeDtypeStruct(tuple(shape), dtype, sharding=sharding)
 
 
 def _strip(info):
   """Compiled.out_info -> plain ShapeDtypeStructs (shape, dtype, sharding) to feed on."""
-  import jax
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                       info)
 
@@ -214,7 +225,6 @@ def _strip(info):
 def _bytes_by_device(tree) -> dict[Any, int]:
   """Bytes each device holds of a pytree of sharded ShapeDtypeStructs."""
   out: dict[Any, int] = {}
-  import jax
   for x in jax.tree.leaves(tree):
     per = math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
     for d in x.sharding.device_set:
@@ -250,10 +260,6 @@ def _compile(name: str, fn, args: tuple, kwargs: dict, *, mesh=None, tpu=False, 
   XLA:TPU normally refuses to compile a program whose buffers exceed the chip's HBM; with
   `xla_tpu_no_crash_on_oom` it compiles anyway and reports the sizes, which is what we want.
   It still fails when one buffer alone is larger than the HBM: that message is returned."""
-  import contextlib
-  import time
-
-  import jax
   t0 = time.time()
   ctx = jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
   with ctx:
@@ -281,7 +287,6 @@ def _memory(compiled) -> tuple[int, int, int, int]:
 
 def teacher_mesh(spec, student_mesh, devices):
   """The mesh an in-process teacher runs on (as opd_jax.teachers.LocalTeacher picks it)."""
-  from opd_jax import sharding as shd
   if spec.devices:
     return shd.make_mesh(spec.mesh or {'fsdp': -1}, devices=shd.parse_devices(spec.devices,
                                                                                devices))
@@ -308,19 +313,6 @@ def _model(name, src: ModelSource, dtype, mesh, rules) -> _Model:
 
 def check_config(config, target: Target, *, log=print) -> dict:
   """Compiles one training step of `config` for `target`; returns the report dict."""
-  import jax
-  import jax.numpy as jnp
-  import numpy as np
-  from jax.sharding import NamedSharding, PartitionSpec as P
-
-  from opd_jax import sharding as shd
-  from opd_jax.sampling import DEFAULT_PROMPT_BUCKETS, Sampler, SamplingParams, batch_bucket
-  from opd_jax.sampling import bucket as prompt_bucket
-  from opd_jax.scoring import make_score_fn
-  from opd_jax.teachers import TeacherSpec
-  from opd_jax.train import ConfigError, loss_spec, rollout_params, validate
-  from opd_jax.update import make_optimizer, make_train_state, make_update_fn
-
   validate(config)
   tpu = target.kind == 'tpu-topology'
   mesh = shd.make_mesh(dict(config.mesh), devices=target.devices)
@@ -395,12 +387,11 @@ def check_config(config, target: Target, *, log=print) -> dict:
     reports.append(FunctionReport(name, shapes, a, o, al, t, max(per_dev.values(), default=0),
                                   oom, compiled is not None))
 
-  # The train state's shardings are what jit gives the trainer's make_train_state.
+  # The train state laid out as the trainer pins it (optimizer moments follow their params).
   tx, schedule = make_optimizer(config.optim, int(config.total_steps) * mini)
-  init, _ = _compile('init_state', jax.jit(lambda p: make_train_state(p, tx)),
-                     (student.params,), {}, mesh=mesh, tpu=tpu,
-                     log=log)
-  state = _strip(init.out_info)
+  state_shape = jax.eval_shape(lambda p: make_train_state(p, tx), student.params)
+  state_shardings = shd.match_shardings(state_shape, student.params, mesh)
+  state = jax.tree.map(lambda x, sh: _sds(x.shape, x.dtype, sh), state_shape, state_shardings)
   long_lived['state'] = state
   long_lived.update({m.name: m.params for m in frozen})
 
@@ -482,7 +473,7 @@ def check_config(config, target: Target, *, log=print) -> dict:
       batch.update(teacher_top_ids=_sds((ub, seq, top_k), jnp.int32, bsh3),
                    teacher_top_logprobs=_sds((ub, seq, top_k), jnp.float32, bsh3))
   update = make_update_fn(student.graphdef, tx, schedule, loss_spec(config),
-                          micro_batches=micro)
+                          micro_batches=micro, state_shardings=state_shardings)
   c = _compile('update', update, (state, batch), {}, tpu=tpu, log=log)
   add('update', c, f'B={ub} (micro {ub // micro}) L={seq}', {'state'}, mesh)
 
@@ -569,8 +560,6 @@ def _choose(topology: str | None, backend: str, num_devices: int):
 def _use_cpu_devices(n: int, argv: list[str]) -> None:
   """Makes JAX start with `n` CPU devices; re-runs this command in a fresh process (and
   exits with its status) when this one's JAX backend already started with another count."""
-  import jax
-  from jax._src import xla_bridge
   if not xla_bridge.backends_are_initialized():
     jax.config.update('jax_platforms', 'cpu')
     jax.config.update('jax_num_cpu_devices', n)
@@ -583,7 +572,8 @@ def _use_cpu_devices(n: int, argv: list[str]) -> None:
   env['XLA_FLAGS'] = (re.sub(r'--xla_force_host_platform_device_count=\d+', '',
                              env.get('XLA_FLAGS', '')) +
                       f' --xla_force_host_platform_device_count={n}').strip()
-  sys.exit(subprocess.call([sys.executable, '-m', 'opd_jax.aot'] + argv, env=env))
+  sys.exit(subprocess.call([sys.executable, '-m', 'opd_jax.aot', *argv, '--backend=cpu',
+                            f'--num_devices={n}'], env=env))
 
 
 def _config_name(argv: list[str]) -> str:
@@ -600,10 +590,11 @@ def run(config, *, topology: str | None = None, backend: str = 'auto', num_devic
   """Picks the target, compiles `config` for it, prints the report and returns it."""
   argv = list(sys.argv[1:] if argv is None else argv)
   kind, topo, n_cpu = _choose(topology, backend, num_devices)
+  if backend == 'tpu' and not libtpu_available():
+    raise AotError("--backend=tpu needs libtpu, the TPU compiler (pip install 'jax[tpu]' of "
+                   "this jax version); without it, --backend=cpu gives the CPU estimate")
   target = None
   if kind == 'tpu':
-    import jax
-    from jax._src import xla_bridge
     if not xla_bridge.backends_are_initialized():
       jax.config.update('jax_platforms', 'cpu')  # the host runs nothing: TPU is compile-only
     try:

@@ -43,7 +43,7 @@ def _stage_config(stage: str, paths: dict, tiny: bool):
     c.log_every = 5
     if stage == 'teacher':
       c.student.model = 'tiny:qwen3:hidden_size=64,num_layers=2,num_heads=4,num_kv_heads=2,seed=11'
-      c.total_steps = 120
+      c.total_steps = 80
     elif stage == 'student':
       c.student.model = 'tiny:qwen3:hidden_size=32,num_layers=1,num_heads=2,num_kv_heads=1,seed=12'
       c.total_steps = 40

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from opd_jax import rewards as rewards_lib
+from opd_jax import sharding as shd
 from opd_jax.data import Record
 from opd_jax.sampling import SamplingParams
 
@@ -26,7 +27,7 @@ def record_dict(r: Record) -> dict:
 
 
 def decode_responses(tokenizer, tokens_BxN, mask_BxN) -> list[str]:
-  """Response texts (special tokens such as the stop token removed)."""
+  """Response texts (special tokens such as the stop token removed) of host arrays."""
   tokens, mask = np.asarray(tokens_BxN), np.asarray(mask_BxN).astype(bool)
   return tokenizer.batch_decode([t[m].tolist() for t, m in zip(tokens, mask)],
                                 skip_special_tokens=True)
@@ -56,13 +57,26 @@ def _chunks(seq, n):
     yield seq[i:i + n]
 
 
+def _global_tags(local_tags, rows_per_process: int, tag_vocab: Sequence[str]) -> list[str]:
+  """The tags of a global batch whose rows are each process's rows (padded) in turn."""
+  if jax.process_count() == 1:
+    return list(local_tags)
+  index = {t: i for i, t in enumerate(tag_vocab)}
+  codes = [index[t] for t in local_tags] + [0] * (rows_per_process - len(local_tags))
+  gathered = shd.allgather_host(np.asarray(codes, np.int32)).reshape(-1)
+  return [tag_vocab[c] for c in gathered]
+
+
 def evaluate(*, step: int, key, student_params, sampler, encoder, tokenizer,
              records: Sequence[Record], settings: EvalSettings, tag_to_reward=None,
-             default_reward=None, teachers=(), kl_fn=None, writer=None) -> dict[str, float]:
+             default_reward=None, teachers=(), kl_fn=None, writer=None,
+             tag_vocab: Sequence[str] = ()) -> dict[str, float]:
   """Runs the evaluation on this process's `records`; returns global metrics.
 
   `kl_fn(tokens, attn, loss_mask, s_b, tags) -> (kl_row_sums [J, B], counts [J, B])` scores
-  student samples with the teachers (the trainer passes its own routed scoring).
+  student samples with the teachers (the trainer passes its own routed scoring). On several
+  processes every process passes the same number of records, and `tag_vocab` lists every
+  tag of the whole evaluation set (tags travel between processes as indices into it).
   """
   metrics: dict[str, float] = {}
   if not records:
@@ -79,13 +93,13 @@ def evaluate(*, step: int, key, student_params, sampler, encoder, tokenizer,
   for idx in _chunks(list(range(len(records))), settings.batch_size):
     out = sampler(student_params, [prompts[i] for i in idx], jax.random.fold_in(key, idx[0]),
                   greedy)
-    texts += decode_responses(tokenizer, out.tokens, out.mask)
+    texts += decode_responses(tokenizer, out.host_rows(out.tokens), out.host_rows(out.mask))
 
   if tag_to_reward or default_reward:
     rew = rewards_lib.compute_rewards(texts, [record_dict(r) for r in records],
                                       dict(tag_to_reward or {}), default=default_reward)
     all_rew = allgather_rows(np.asarray(rew, np.float32))
-    all_tags = allgather_rows(np.asarray(tags))
+    all_tags = np.asarray(_global_tags(tags, len(tags), tag_vocab))
     metrics['eval/accuracy'] = float(all_rew.mean())
     for t in sorted(set(all_tags.tolist())):
       metrics[f'eval/accuracy/{t}'] = float(all_rew[all_tags == t].mean())
@@ -100,12 +114,12 @@ def evaluate(*, step: int, key, student_params, sampler, encoder, tokenizer,
         for idx in _chunks(list(range(len(records))), settings.batch_size):
           out = sampler(student_params, [prompts[i] for i in idx],
                         jax.random.fold_in(jax.random.fold_in(key, 1 + s), idx[0]), sp)
-          texts_s += decode_responses(tokenizer, out.tokens, out.mask)
+          texts_s += decode_responses(tokenizer, out.host_rows(out.tokens),
+                                      out.host_rows(out.mask))
         per_prompt[:, s] = rewards_lib.compute_rewards(
             texts_s, [record_dict(r) for r in records], dict(tag_to_reward or {}),
             default=default_reward)
       per_prompt = allgather_rows(per_prompt)
-      all_tags = allgather_rows(np.asarray(tags))
       for k in settings.pass_k:
         for name, v in rewards_lib.pass_at_k_by_tag(list(all_tags), per_prompt >= 1.0,
                                                      k).items():
@@ -122,14 +136,15 @@ def evaluate(*, step: int, key, student_params, sampler, encoder, tokenizer,
       tokens, attn = out.sequences()
       lmask = jnp.concatenate([jnp.zeros_like(out.prompt_mask), out.mask], axis=1)
       s_b = jnp.concatenate([jnp.zeros(out.prompt_mask.shape, jnp.float32), out.logprobs], 1)
-      kl_sum, cnt = kl_fn(tokens, attn, lmask, s_b, [tags[i] for i in idx])
+      rows_per_process = tokens.shape[0] // jax.process_count()
+      kl_sum, cnt = kl_fn(tokens, attn, lmask, s_b,
+                          _global_tags([tags[i] for i in idx], rows_per_process, tag_vocab))
       for j, t in enumerate(teachers):
         sums[t.name] += float(kl_sum[j].sum())
         counts[t.name] += float(cnt[j].sum())
-    tot_s = allgather_rows(np.asarray([sums[t.name] for t in teachers]))
-    tot_c = allgather_rows(np.asarray([counts[t.name] for t in teachers]))
-    if jax.process_count() > 1:
-      tot_s, tot_c = tot_s.reshape(-1, len(teachers)).sum(0), tot_c.reshape(-1, len(teachers)).sum(0)
+    # kl_fn already returns global sums (every process scored the same global batches)
+    tot_s = np.asarray([sums[t.name] for t in teachers])
+    tot_c = np.asarray([counts[t.name] for t in teachers])
     for j, t in enumerate(teachers):
       if tot_c[j]:
         metrics[f'eval/reverse_kl/{t.name}'] = float(tot_s[j] / tot_c[j])

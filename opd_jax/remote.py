@@ -298,13 +298,13 @@ class RemoteTeacher:
 
   def _place(self, out: dict, out_sharding):
     import jax
-    from jax.sharding import NamedSharding
 
     from opd_jax import sharding as shd
     mesh = out_sharding.mesh if out_sharding is not None else self.mesh
     if mesh is None:
       return jax.tree.map(jax.numpy.asarray, out)
-    return {k: jax.device_put(v, NamedSharding(mesh, shd.batch_spec(v.ndim)))
+    # As LocalTeacher: batch-sharded, or replicated for a batch the data axes do not divide.
+    return {k: jax.device_put(v, shd.rows_sharding(mesh, v.shape[0], v.ndim))
             for k, v in out.items()}
 
 

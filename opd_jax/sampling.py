@@ -81,6 +81,11 @@ class Rollout:
   mask: jax.Array
   logprobs: jax.Array
   decode_steps: jax.Array | None = None  # iterations the decode loop ran (early exit < N)
+  host_count: int | None = None          # this process's real rows (the first ones it holds)
+
+  def host_rows(self, x) -> np.ndarray:
+    """This process's real rows of one of the arrays, as numpy."""
+    return shd.local_rows(x)[:self.host_count]
 
   @property
   def lengths(self) -> jax.Array:
@@ -94,7 +99,7 @@ class Rollout:
 
 jax.tree_util.register_dataclass(
     Rollout, data_fields=['prompt_ids', 'prompt_mask', 'tokens', 'mask', 'logprobs',
-                          'decode_steps'], meta_fields=[])
+                          'decode_steps'], meta_fields=['host_count'])
 
 
 def bucket(n: int, buckets: Sequence[int]) -> int:
@@ -233,17 +238,23 @@ class Sampler:
   def _shard(self, x):
     if self.mesh is None:
       return jnp.asarray(x)
+    if jax.process_count() > 1:
+      return shd.shard_local_batch(x, self.mesh)
     return shd.shard_batch(x, self.mesh)
 
   def __call__(self, params, prompts, key, sp: SamplingParams) -> Rollout:
+    """Samples one response per prompt.
+
+    On several processes each passes its own prompts (the same number on every process);
+    the returned arrays are global, with each process's rows contiguous, and when rows had
+    to be padded up to a bucket the padding stays in place (finished, all-zero masks):
+    read this process's rows with `rollout.host_rows(x)`.
+    """
+    pcount = jax.process_count()
     if isinstance(prompts, tuple):
       ids, mask = (np.asarray(x) for x in prompts)
       b = ids.shape[0]
-      p = bucket(ids.shape[1], self.prompt_buckets)
-      if p != ids.shape[1]:
-        pad = p - ids.shape[1]
-        ids = np.pad(ids, ((0, 0), (pad, 0)), constant_values=self.pad_id)
-        mask = np.pad(mask, ((0, 0), (pad, 0)))
+      longest = ids.shape[1]
     else:
       b = len(prompts)
       if b == 0:
@@ -251,10 +262,21 @@ class Sampler:
       longest = max(len(x) for x in prompts)
       if longest == 0:
         raise ValueError('every prompt is empty; a prompt needs at least one token')
-      ids, mask = left_pad(prompts, bucket(longest, self.prompt_buckets), self.pad_id)
+    if pcount > 1:  # every process must compile the same shapes
+      sizes = shd.allgather_host(np.asarray([b, longest]))
+      if len(set(sizes[:, 0].tolist())) != 1:
+        raise ValueError(f'processes sample different numbers of prompts: {sizes[:, 0]}')
+      longest = int(sizes[:, 1].max())
+    p = bucket(longest, self.prompt_buckets)
+    if isinstance(prompts, tuple):
+      pad = p - ids.shape[1]
+      ids = np.pad(ids, ((0, 0), (pad, 0)), constant_values=self.pad_id)
+      mask = np.pad(mask, ((0, 0), (pad, 0)))
+    else:
+      ids, mask = left_pad(prompts, p, self.pad_id)
     if np.any(mask.sum(-1) == 0):
       raise ValueError(f'prompt rows {np.nonzero(mask.sum(-1) == 0)[0].tolist()} are empty')
-    mult = 1 if self.mesh is None else shd.batch_size_multiple(self.mesh)
+    mult = 1 if self.mesh is None else max(1, shd.batch_size_multiple(self.mesh) // pcount)
     bb = batch_bucket(b, mult)
     done = np.zeros((bb,), bool)
     if bb != b:  # padded rows hold one pad token and start finished
@@ -271,6 +293,6 @@ class Sampler:
       tokens, rmask, logps, steps, _ = self._decode(params, cache, logits, mask, done, key,
                                                     sp=sp, pad_id=self.pad_id)
     fields = (ids, mask, tokens, rmask, logps)
-    if bb != b:
+    if bb != b and pcount == 1:
       fields = tuple(x[:b] for x in fields)
-    return Rollout(*fields, decode_steps=steps)
+    return Rollout(*fields, decode_steps=steps, host_count=b)

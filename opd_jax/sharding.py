@@ -264,3 +264,29 @@ def match_shardings(tree, reference, mesh: Mesh):
         return sharding
     return NamedSharding(mesh, P())
   return jax.tree_util.tree_map_with_path(pick, tree)
+
+
+# ------------------------------------------------------------------------------ multi-host
+def to_host(x) -> np.ndarray:
+  """A global array as numpy on every process (gathered when other processes hold parts)."""
+  if getattr(x, 'is_fully_addressable', True):
+    return np.asarray(x)
+  from jax.experimental import multihost_utils
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def local_rows(x) -> np.ndarray:
+  """This process's rows of a batch-sharded global array (all rows on one process)."""
+  if jax.process_count() == 1 or getattr(x, 'is_fully_addressable', True):
+    return np.asarray(x)
+  from jax.experimental import multihost_utils
+  return np.asarray(multihost_utils.global_array_to_host_local_array(
+      x, x.sharding.mesh, batch_spec(x.ndim)))
+
+
+def allgather_host(x: np.ndarray) -> np.ndarray:
+  """Every process's `x` stacked on a new leading axis [process_count, ...]."""
+  if jax.process_count() == 1:
+    return np.asarray(x)[None]
+  from jax.experimental import multihost_utils
+  return np.asarray(multihost_utils.process_allgather(np.asarray(x)))

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from opd_jax import losses
+from opd_jax import sharding as shd
 from opd_jax.sampling import Rollout, bucket, left_pad
 
 
@@ -89,8 +90,10 @@ def sft_batch(encoder, tokenizer, records, *, response_field: str, eos_id: int,
                        'string response for SFT (config.sft.response_field)')
     ids = tokenizer(r.extra[response_field], add_special_tokens=False)['input_ids']
     responses.append(list(ids) + [eos_id])
-  p_len = bucket(max(len(p) for p in prompts), prompt_buckets)
-  r_len = bucket(max(len(x) for x in responses), response_buckets)
+  longest = np.asarray([max(len(p) for p in prompts), max(len(x) for x in responses)])
+  longest = shd.allgather_host(longest).max(0)  # every process must build the same shapes
+  p_len = bucket(int(longest[0]), prompt_buckets)
+  r_len = bucket(int(longest[1]), response_buckets)
   p_ids, p_mask = left_pad(prompts, p_len, tokenizer.pad_token_id or 0)
   r_ids = np.full((len(records), r_len), tokenizer.pad_token_id or 0, np.int32)
   r_mask = np.zeros((len(records), r_len), np.int32)

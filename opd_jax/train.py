@@ -39,13 +39,24 @@ class ConfigError(ValueError):
   """A config that cannot run; the message names the field."""
 
 
-def _local_rows(x) -> np.ndarray:
-  """This process's rows of a batch-sharded global array, as numpy."""
-  if jax.process_count() == 1:
-    return np.asarray(x)
-  from jax.experimental import multihost_utils
-  return np.asarray(multihost_utils.global_array_to_host_local_array(
-      x, x.sharding.mesh, shd.batch_spec(x.ndim)))
+def init_distributed(config) -> None:
+  """Joins a multi-process run: with JAX_COORDINATOR_ADDRESS (+ JAX_NUM_PROCESSES,
+  JAX_PROCESS_ID) from the environment, as launch/local.sh sets them, or by JAX's own
+  detection (TPU pods, SLURM, ...) when config.distributed is set. A no-op otherwise."""
+  addr = os.environ.get('JAX_COORDINATOR_ADDRESS')
+  if not addr and not config.distributed:
+    return
+  kw = {}
+  if addr:
+    kw['coordinator_address'] = addr
+    if 'JAX_NUM_PROCESSES' in os.environ:
+      kw.update(num_processes=int(os.environ['JAX_NUM_PROCESSES']),
+                process_id=int(os.environ['JAX_PROCESS_ID']))
+  try:
+    jax.distributed.initialize(**kw)
+  except RuntimeError as e:
+    if 'already' not in str(e):
+      raise
 
 
 def validate(config) -> None:
@@ -96,8 +107,7 @@ def run(config, workdir: str) -> dict:
   logging.basicConfig(level=logging.INFO, format='%(asctime)s %(name)s: %(message)s')
   for noisy in ('absl', 'orbax', 'jax._src'):  # orbax logs every file it renames at INFO
     logging.getLogger(noisy).setLevel(logging.WARNING)
-  if config.distributed or os.environ.get('JAX_COORDINATOR_ADDRESS'):
-    jax.distributed.initialize()
+  init_distributed(config)
   validate(config)
   os.makedirs(workdir, exist_ok=True)
   pidx, pcount = jax.process_index(), jax.process_count()
@@ -125,6 +135,11 @@ def run(config, workdir: str) -> dict:
       dict(config.data.eval), default_tag=config.data.default_tag).values() for r in recs]
   if config.eval.num_prompts:
     eval_records = eval_records[:config.eval.num_prompts]
+  if pcount > 1 and len(eval_records) % pcount:  # every process evaluates an equal share
+    log.warning('evaluating %d of %d held-out prompts (a multiple of %d processes)',
+                len(eval_records) // pcount * pcount, len(eval_records), pcount)
+    eval_records = eval_records[:len(eval_records) // pcount * pcount]
+  eval_tags = sorted({r.tag for r in eval_records})
   tag_to_reward = dict(config.rl.tag_to_reward)
   train_tags = sorted({r.tag for recs in domains.values() for r in recs})
 
@@ -198,11 +213,11 @@ def run(config, workdir: str) -> dict:
 
   def teacher_kl(tokens, attn, lmask, s_b, tags):
     route = route_matrix(tags, specs)
-    t, _ = score_teachers(teachers, tokens, attn, route, host_mask_BxL=np.asarray(attn),
-                          out_sharding=tokens.sharding, count=False)
+    t, _ = score_teachers(teachers, tokens, attn, route, out_sharding=tokens.sharding,
+                          count=False)
     _, kl_sum, kl_cnt = steps.advantages(s_b, t, None, coef_J, jnp.asarray(route), lmask,
                                          None, mode='none')
-    return np.asarray(kl_sum), np.asarray(kl_cnt)
+    return shd.to_host(kl_sum), shd.to_host(kl_cnt)
 
   eval_settings = evaluation.EvalSettings(
       batch_size=config.eval.batch_size, stop_ids=stop_ids,
@@ -217,7 +232,7 @@ def run(config, workdir: str) -> dict:
         sampler=sampler, encoder=encoder, tokenizer=tokenizer, records=local,
         settings=eval_settings, tag_to_reward=tag_to_reward,
         default_reward=config.rl.default_reward, teachers=teachers, kl_fn=teacher_kl,
-        writer=writer)
+        writer=writer, tag_vocab=eval_tags)
 
   # =============================================================== checkpoint restore
   ckpt = Checkpointer(workdir, every=config.checkpoint.every, keep=config.checkpoint.keep,
@@ -297,8 +312,8 @@ def run(config, workdir: str) -> dict:
         # ---------------------------------------------------------------- rewards
         outcome = None
         if config.rl.estimator:
-          texts = evaluation.decode_responses(tokenizer, _local_rows(rollout.tokens),
-                                              _local_rows(rollout.mask))
+          texts = evaluation.decode_responses(tokenizer, rollout.host_rows(rollout.tokens),
+                                              rollout.host_rows(rollout.mask))
           rew = rewards_lib.compute_rewards(
               texts, [evaluation.record_dict(x) for x in local], tag_to_reward,
               default=config.rl.default_reward)
@@ -319,7 +334,7 @@ def run(config, workdir: str) -> dict:
         if config.loss.full_vocab:
           ex = extras[teachers[0].name]
           batch.update(teacher_top_ids=ex['top_ids'], teacher_top_logprobs=ex['top_logprobs'])
-        metrics.update(steps.kl_metrics(np.asarray(kl_sum), np.asarray(kl_cnt), tags,
+        metrics.update(steps.kl_metrics(shd.to_host(kl_sum), shd.to_host(kl_cnt), tags,
                                         [t.name for t in teachers]))
         metrics['rollout/response_len'] = gen_tokens / len(records)
         metrics['perf/tokens_per_s/rollout'] = gen_tokens / max(t_rollout, 1e-9)

@@ -188,7 +188,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
 
 def test_sft_on_teacher_generated_responses(tmp_path):
   config = with_overrides(load_config('opd_single_teacher', 'runlocal'), mode='sft',
-                          sft__source='teacher', sft__batch_size=8, eval__num_prompts=2)
+                          sft__source='teacher', sft__batch_size=16, eval__num_prompts=2)
   result = run(config, str(tmp_path))
   assert result['step'] == 2 and np.isfinite(result['history']['loss'][-1][1])
 

@@ -7,10 +7,11 @@ Starts `python -m opd_jax.serve_teacher --model DIR --port 0` (or uses a running
 ids as SGLang /generate scoring requests, C at a time (closed loop: each client sends its
 next request when the last one is answered). Every batch shape is compiled first (one batch
 request per power-of-two size), then each setting runs once untimed and once timed. Prints
-one detail line and then `clients=C tokens_per_s=<n>` per setting, the last setting last.
+a detail line per setting, then one `clients=C tokens_per_s=<n>` line each, the last last.
 `device_busy` is the share of the wall time the server spent in device calls: near 1 the
 model is the limit, well below 1 HTTP / JSON / Python overhead is. `--make-model` first
-writes the ~4M-parameter Qwen3 of opd_jax.bench.sampler to --model if it has no config.json.
+writes the ~4M-parameter Qwen3 of opd_jax.bench.sampler to --model if it has no config.json;
+`--in-process` also times the same jitted scoring function without HTTP (the peer).
 """
 
 import argparse
@@ -102,11 +103,15 @@ def main(argv=None):
   ap.add_argument('--requests', type=int, default=64, help='sequences per setting')
   ap.add_argument('--server-args', default='--max-batch-size 16',
                   help='extra serve_teacher arguments when starting one')
+  ap.add_argument('--in-process', action='store_true',
+                  help='also time the jitted scoring function in-process (no HTTP), the peer')
   ap.add_argument('--make-model', action='store_true',
                   help='write the benchmark Qwen3 (opd_jax.bench.sampler) to --model first')
   args = ap.parse_args(argv)
   if not args.url and not args.model:
     ap.error('give --model (to start a server) or --url')
+  if args.in_process and not args.model:
+    ap.error('--in-process needs --model')
 
   import numpy as np
   proc = None
@@ -149,13 +154,39 @@ def main(argv=None):
             f'p50_latency_ms={1e3 * statistics.median(latencies):.0f} '
             f'new_compiles={compiles}', flush=True)
       results.append((clients, tps))
-    for clients, tps in results:
-      print(f'clients={clients} tokens_per_s={tps:.1f}')
   finally:
     if proc is not None:
       proc.kill()
       proc.wait(timeout=30)
+  if args.in_process:  # after the server is gone, so the two do not share the CPU
+    for batch in sorted({1, max(c for c, _ in results)}):
+      print(f'  in_process batch={batch} tokens_per_s='
+            f'{in_process_tokens_per_s(args.model, args.seq_len, batch):.1f}', flush=True)
+  for clients, tps in results:
+    print(f'clients={clients} tokens_per_s={tps:.1f}')
 
+
+def in_process_tokens_per_s(model_path, seq_len, batch, runs=5):
+  """The peer without HTTP: the same jitted scoring function on [batch, seq_len] in this
+  process (median of `runs` after a compile)."""
+  import jax
+  import numpy as np
+  from flax import nnx
+
+  from opd_jax.models import load_pretrained
+  from opd_jax.scoring import make_score_fn
+  model = load_pretrained(model_path)
+  graphdef, params = nnx.split(model)
+  fn = make_score_fn(graphdef)
+  tokens = np.random.RandomState(0).randint(0, model.cfg.vocab_size, (batch, seq_len))
+  tokens, mask = tokens.astype(np.int32), np.ones((batch, seq_len), np.int32)
+  jax.block_until_ready(fn(params, tokens, mask))
+  times = []
+  for _ in range(runs):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(params, tokens, mask))
+    times.append(time.perf_counter() - t0)
+  return batch * seq_len / statistics.median(times)
 
 if __name__ == '__main__':
   main()
