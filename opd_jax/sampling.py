@@ -173,8 +173,9 @@ def _prefill(graphdef, params, prompt_ids_BxP, prompt_mask_BxP, *, max_new_token
 
 
 def _decode(graphdef, params, cache, logits_BxV, prompt_mask_BxP, done_B, key, *,
-            sp: SamplingParams, pad_id: int):
+            sp: SamplingParams, pad_id: int, unroll: bool = True):
   model = nnx.merge(graphdef, params)
+  layers = model.split_layers() if unroll else None  # sliced once, outside the loop
   b, p = prompt_mask_BxP.shape
   n = sp.max_new_tokens
   kv_mask_BxS = jnp.concatenate([prompt_mask_BxP, jnp.ones((b, n), prompt_mask_BxP.dtype)], 1)
@@ -195,7 +196,8 @@ def _decode(graphdef, params, cache, logits_BxV, prompt_mask_BxP, done_B, key, *
     logps = jax.lax.dynamic_update_slice(logps, jnp.where(live, logp, 0.0)[:, None], (0, step))
     done = done | jnp.isin(token, stop_ids)
     hidden, cache = model.hidden(token[:, None], positions_BxT=(prompt_len_B + step)[:, None],
-                                 cache=cache, kv_mask_BxS=kv_mask_BxS, start=p + step)
+                                 cache=cache, kv_mask_BxS=kv_mask_BxS, start=p + step,
+                                 unrolled=layers if unroll else None)
     logits = model.logits(hidden)[:, 0]
     return step + 1, cache, done, logits, tokens, mask, logps
 

@@ -193,13 +193,24 @@ class Decoder(nnx.Module):
     return json.loads(self._hf_config_json)
 
   # ------------------------------------------------------------------ forward
+  def split_layers(self):
+    """The L layers' parameters as a list of per-layer states (for `hidden(unrolled=...)`).
+
+    Taking slices once, outside a decode loop, spares the loop a dynamic slice (a copy) of
+    every layer's weights per generated token, which `lax.scan` over stacked layers does.
+    """
+    _, layer_state = nnx.split(self.layers)
+    return [jax.tree.map(lambda x, i=i: x[i], layer_state) for i in range(self.cfg.num_layers)]
+
   def hidden(self, input_ids_BxT, attention_mask_BxT=None, positions_BxT=None, *,
-             cache=None, kv_mask_BxS=None, start=0, remat=False):
+             cache=None, kv_mask_BxS=None, start=0, remat=False, unrolled=None):
     """Final-norm hidden states [B, T, D] (model dtype) and the updated cache.
 
     Without a cache, `attention_mask` [B, T] marks real tokens (left or right padding).
     With a cache (dict k, v: [L, B, S, K, E]), the tokens occupy slots [start, start + T)
     and `kv_mask_BxS` marks the valid slots (including the ones being written).
+    `unrolled` (from `split_layers()`) runs the layers as a Python loop over those per-layer
+    parameters instead of a scan (the sampler's decode step; compile time grows with L).
     """
     b, t = input_ids_BxT.shape
     if cache is None:
@@ -230,8 +241,12 @@ class Decoder(nnx.Module):
     if remat:
       body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
     cache_kv = None if cache is None else (cache['k'], cache['v'])
-    layers = jnp.arange(self.cfg.num_layers)
-    (x, cache_kv), _ = jax.lax.scan(body, (x, cache_kv), (layer_state, layers))
+    if unrolled is not None:
+      for i, state in enumerate(unrolled):
+        (x, cache_kv), _ = body((x, cache_kv), (state, i))
+    else:
+      layers = jnp.arange(self.cfg.num_layers)
+      (x, cache_kv), _ = jax.lax.scan(body, (x, cache_kv), (layer_state, layers))
     new_cache = None if cache is None else {'k': cache_kv[0], 'v': cache_kv[1]}
     return self.norm(x), new_cache
 
