@@ -1,5 +1,5 @@
 """The base ConfigDict every recipe in configs/ starts from: one place for every field, its
-default and its meaning (the README's config reference is generated from the same text).
+default and its meaning. README.md documents every field (tests/test_repo.py checks that).
 
 Optional fields are `placeholder`s so `--config.x=value` can set them from the command line.
 Teachers are a dict of named sub-configs (see `teacher()`); `tags=[]` means every record.

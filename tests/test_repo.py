@@ -34,3 +34,29 @@ def test_import_has_no_side_effects():
                        capture_output=True, text=True, cwd=ROOT, check=True)
   assert out.stdout.strip() == '[]'  # importing the package does not even import jax
   subprocess.run([sys.executable, '-c', code], cwd=ROOT, check=True, capture_output=True)
+
+
+def test_readme_documents_every_config_field():
+  from opd_jax.config_lib import base_config
+  with open(os.path.join(ROOT, 'README.md')) as f:
+    reference = f.read().split('## Config reference', 1)[1].split('\n## ', 1)[0]
+  rows = [l.split('|')[1] for l in reference.splitlines() if l.startswith('| `')]
+  documented = ' '.join(rows)
+
+  def fields(d, prefix=''):
+    for k, v in d.items():
+      if k == 'teachers':  # user-named entries, documented as `teachers.NAME`
+        continue
+      if type(v).__name__ == 'ConfigDict' and len(v):
+        yield from fields(v, prefix + k + '.')
+      else:
+        yield prefix + k
+
+  missing = []
+  for name in fields(base_config()):
+    section, _, leaf = name.rpartition('.')
+    # a row may list several fields of one section: `optim.lr` / `schedule` / ...
+    if f'`{name}`' not in documented and not (
+        section and f'`{section}.' in documented and f'`{leaf}`' in documented):
+      missing.append(name)
+  assert not missing, f'README config reference lacks: {missing}'
