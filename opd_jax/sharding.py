@@ -229,6 +229,14 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 # ----------------------------------------------------------------------------- activations
+def mesh_axis_size(axis: str) -> int:
+  """Size of `axis` in the mesh set by `jax.set_mesh` (1 outside a mesh context)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return 1
+  return dict(zip(mesh.axis_names, mesh.axis_sizes)).get(axis, 1)
+
+
 def constrain(x, *spec):
   """`with_sharding_constraint(x, P(*spec))` under the mesh set by `jax.set_mesh`.
 

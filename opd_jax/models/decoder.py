@@ -33,6 +33,12 @@ def _normal(rngs: nnx.Rngs, shape, dtype, std=0.02):
   return (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
 
 
+def _linear(x, params):
+  """x @ weight.T (+ bias) for a {'weight' [out, in], 'bias' [out] or None} dict."""
+  y = jnp.einsum('...i,oi->...o', x, params['weight'])
+  return y if params.get('bias') is None else y + params['bias']
+
+
 class Linear(nnx.Module):
   """y = x @ weight.T (+ bias); weight [out, in] as in torch.nn.Linear."""
 
@@ -91,15 +97,26 @@ class Attention(nnx.Module):
       self.q_norm = self.k_norm = None
 
   def __call__(self, x_BxTxD, cos, sin, *, kv_mask_BxS, q_slot_T, cache_kv=None,
-               layer=None, start=None):
-    """Returns (out [B, T, D], updated (k, v) caches or None)."""
+               layer=None, start=None, fused_qkv=None):
+    """Returns (out [B, T, D], updated (k, v) caches or None).
+
+    `fused_qkv` (a Linear-like dict from Decoder.split_layers) computes q, k and v with one
+    matmul instead of three (the sampler's decode step, where each call's fixed cost counts).
+    """
     cfg = self.cfg
     b, t, _ = x_BxTxD.shape
     k_heads, e = cfg.num_kv_heads, cfg.head_dim
     g = cfg.num_heads // k_heads
-    q = self.q_proj(x_BxTxD).reshape(b, t, cfg.num_heads, e)
-    k = self.k_proj(x_BxTxD).reshape(b, t, k_heads, e)
-    v = self.v_proj(x_BxTxD).reshape(b, t, k_heads, e)
+    if fused_qkv is not None:
+      qkv = _linear(x_BxTxD, fused_qkv)
+      nq, nk = cfg.num_heads * e, k_heads * e
+      q = qkv[..., :nq].reshape(b, t, cfg.num_heads, e)
+      k = qkv[..., nq:nq + nk].reshape(b, t, k_heads, e)
+      v = qkv[..., nq + nk:].reshape(b, t, k_heads, e)
+    else:
+      q = self.q_proj(x_BxTxD).reshape(b, t, cfg.num_heads, e)
+      k = self.k_proj(x_BxTxD).reshape(b, t, k_heads, e)
+      v = self.v_proj(x_BxTxD).reshape(b, t, k_heads, e)
     if self.q_norm is not None:
       q, k = self.q_norm(q), self.k_norm(k)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -117,13 +134,26 @@ class Attention(nnx.Module):
     s = k.shape[1]
 
     q_BxTxKxGxE = q.reshape(b, t, k_heads, g, e)
-    scores = jnp.einsum('btkge,bske->bkgts', q_BxTxKxGxE, k,
-                        preferred_element_type=jnp.float32) * (e ** -0.5)
+    elementwise = t == 1 and jax.default_backend() == 'cpu'
+    if elementwise:
+      # One query token on XLA:CPU: a batched dot is a library call with ~0.1 ms of fixed
+      # cost (and a transposed copy of the cache); a multiply-reduce fuses into one loop.
+      scores = jnp.sum(q_BxTxKxGxE[:, 0, None].astype(jnp.float32)
+                       * k[:, :, :, None].astype(jnp.float32), axis=-1)   # [B, S, K, G]
+      scores = jnp.transpose(scores, (0, 2, 3, 1))[:, :, :, None] * (e ** -0.5)
+    else:
+      scores = jnp.einsum('btkge,bske->bkgts', q_BxTxKxGxE, k,
+                          preferred_element_type=jnp.float32) * (e ** -0.5)
     allowed_BxTxS = ((jnp.arange(s)[None, None, :] <= q_slot_T[None, :, None])
                      & kv_mask_BxS[:, None, :].astype(bool))
     scores = jnp.where(allowed_BxTxS[:, None, None], scores, _NEG_INF)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum('bkgts,bske->btkge', probs, v).reshape(b, t, cfg.num_heads * e)
+    if elementwise:
+      p_BxSxKxG = jnp.transpose(probs[:, :, :, 0], (0, 3, 1, 2))
+      out = jnp.sum(p_BxSxKxG[..., None] * v[:, :, :, None], axis=1)     # [B, K, G, E]
+      out = out.reshape(b, 1, cfg.num_heads * e)
+    else:
+      out = jnp.einsum('bkgts,bske->btkge', probs, v).reshape(b, t, cfg.num_heads * e)
     return self.o_proj(out), cache_kv
 
 
@@ -134,8 +164,12 @@ class MLP(nnx.Module):
     self.up_proj = Linear(d, f, bias=cfg.mlp_bias, dtype=dtype, rngs=rngs)
     self.down_proj = Linear(f, d, bias=cfg.mlp_bias, dtype=dtype, rngs=rngs)
 
-  def __call__(self, x):
-    return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+  def __call__(self, x, fused_gate_up=None):
+    if fused_gate_up is not None:
+      gate, up = jnp.split(_linear(x, fused_gate_up), 2, axis=-1)
+    else:
+      gate, up = self.gate_proj(x), self.up_proj(x)
+    return self.down_proj(jax.nn.silu(gate) * up)
 
 
 class Block(nnx.Module):
@@ -145,10 +179,12 @@ class Block(nnx.Module):
     self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
     self.mlp = MLP(cfg, dtype=dtype, rngs=rngs)
 
-  def __call__(self, x, cos, sin, **attn_kw):
-    h, cache_kv = self.self_attn(self.input_layernorm(x), cos, sin, **attn_kw)
+  def __call__(self, x, cos, sin, fused=None, **attn_kw):
+    fused = fused or {}
+    h, cache_kv = self.self_attn(self.input_layernorm(x), cos, sin,
+                                 fused_qkv=fused.get('qkv'), **attn_kw)
     x = x + h
-    x = x + self.mlp(self.post_attention_layernorm(x))
+    x = x + self.mlp(self.post_attention_layernorm(x), fused_gate_up=fused.get('gate_up'))
     return x, cache_kv
 
 
@@ -193,14 +229,33 @@ class Decoder(nnx.Module):
     return json.loads(self._hf_config_json)
 
   # ------------------------------------------------------------------ forward
-  def split_layers(self):
-    """The L layers' parameters as a list of per-layer states (for `hidden(unrolled=...)`).
+  def split_layers(self, fuse: bool = False):
+    """Per-layer (state, fused weights) pairs for `hidden(unrolled=...)`.
 
     Taking slices once, outside a decode loop, spares the loop a dynamic slice (a copy) of
     every layer's weights per generated token, which `lax.scan` over stacked layers does.
+    With `fuse`, q/k/v and gate/up weights are also concatenated so that each needs one
+    matmul (fewer, larger calls); only sensible when 'tensor' does not split those outputs.
     """
     _, layer_state = nnx.split(self.layers)
-    return [jax.tree.map(lambda x, i=i: x[i], layer_state) for i in range(self.cfg.num_layers)]
+    out = []
+    for i in range(self.cfg.num_layers):
+      state = jax.tree.map(lambda x, i=i: x[i], layer_state)
+      fused = None
+      if fuse:
+        attn, mlp = state['self_attn'], state['mlp']
+
+        def cat(mods, part, tree):
+          if tree[mods[0]].get(part) is None:
+            return None
+          return jnp.concatenate([tree[m][part][...] for m in mods], axis=0)
+        qkv = ('q_proj', 'k_proj', 'v_proj')
+        gate_up = ('gate_proj', 'up_proj')
+        fused = {'qkv': {'weight': cat(qkv, 'weight', attn), 'bias': cat(qkv, 'bias', attn)},
+                 'gate_up': {'weight': cat(gate_up, 'weight', mlp),
+                             'bias': cat(gate_up, 'bias', mlp)}}
+      out.append((state, fused))
+    return out
 
   def hidden(self, input_ids_BxT, attention_mask_BxT=None, positions_BxT=None, *,
              cache=None, kv_mask_BxS=None, start=0, remat=False, unrolled=None):
@@ -229,12 +284,12 @@ class Decoder(nnx.Module):
     x = constrain(self.embed_tokens(input_ids_BxT.astype(jnp.int32)), BATCH_AXES)
     layer_def, layer_state = nnx.split(self.layers)
 
-    def body(carry, xs):
+    def body(carry, xs, fused=None):
       x, cache_kv = carry
       state, layer = xs
       block = nnx.merge(layer_def, state)
-      x, cache_kv = block(x, cos, sin, kv_mask_BxS=kv_mask_BxS, q_slot_T=q_slot_T,
-                          cache_kv=cache_kv, layer=layer, start=start)
+      x, cache_kv = block(x, cos, sin, fused=fused, kv_mask_BxS=kv_mask_BxS,
+                          q_slot_T=q_slot_T, cache_kv=cache_kv, layer=layer, start=start)
       x = constrain(x, BATCH_AXES)
       return (x, cache_kv), None
 
@@ -242,8 +297,8 @@ class Decoder(nnx.Module):
       body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
     cache_kv = None if cache is None else (cache['k'], cache['v'])
     if unrolled is not None:
-      for i, state in enumerate(unrolled):
-        (x, cache_kv), _ = body((x, cache_kv), (state, i))
+      for i, (state, fused) in enumerate(unrolled):
+        (x, cache_kv), _ = body((x, cache_kv), (state, i), fused)
     else:
       layers = jnp.arange(self.cfg.num_layers)
       (x, cache_kv), _ = jax.lax.scan(body, (x, cache_kv), (layer_state, layers))
