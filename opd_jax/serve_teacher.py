@@ -24,9 +24,10 @@ temperature (T = 0, greedy, means untempered, as the sampler reports for greedy 
 
 Batching: HTTP threads validate each request and queue one job per sequence (a bounded queue:
 full -> HTTP 503); one worker thread takes what is queued (up to --max-batch-size sequences,
-waiting at most --batch-wait-ms for more), groups it by (temperature, top-k bucket), pads
-each group to a power-of-two batch and length bucket (few shapes compile) and runs the
-jitted `scoring.make_score_fn` once per group. A request waits at most --request-timeout-s
+waiting at most --batch-wait-ms for requests already accepted but not yet queued, so a lone
+request never waits), groups it by (temperature, top-k bucket), pads each group to a
+power-of-two batch and length bucket (few shapes compile) and runs the jitted
+`scoring.make_score_fn` once per group. A request waits at most --request-timeout-s
 (then HTTP 504). Bad requests get HTTP 400 with a message naming the field.
 """
 
@@ -119,6 +120,10 @@ class ScoringEngine:
     self.counters = dict(requests=0, bad_requests=0, sequences_scored=0, tokens_scored=0,
                          device_calls=0, padded_tokens=0, timeouts=0, rejected_busy=0,
                          device_s=0.0)  # device_s: seconds in device calls (compiles included)
+    # Requests accepted whose jobs are not queued yet: the worker waits for these (at most
+    # batch_wait), so a lone client's request runs at once and a burst shares one call.
+    self._arriving = 0
+    self._local = threading.local()
     self._stop = threading.Event()
     self._worker = threading.Thread(target=self._run, name='scoring-worker', daemon=True)
     self._worker.start()
@@ -157,6 +162,7 @@ class ScoringEngine:
         self._count(rejected_busy=1)
         raise Busy(f'the scoring queue is full ({self._queue.maxsize} sequences); retry later',
                    503) from None
+    self.arrived()
     deadline = time.monotonic() + timeout_s
     for job in jobs:
       if not job.done.wait(max(0.0, deadline - time.monotonic())):
@@ -182,6 +188,22 @@ class ScoringEngine:
     self._stop.set()
     self._worker.join(timeout=5)
 
+  def arriving(self):
+    """Called when a connection is accepted (its request will queue jobs soon)."""
+    with self._lock:
+      self._arriving += 1
+
+  def start_request(self):
+    """Called on the request's own thread: `arrived()` there ends its arrival."""
+    self._local.arriving = True
+
+  def arrived(self):
+    """The current thread's request has queued its jobs or ended; idempotent."""
+    if getattr(self._local, 'arriving', False):
+      self._local.arriving = False
+      with self._lock:
+        self._arriving -= 1
+
   def _count(self, **kw):
     with self._lock:
       for k, v in kw.items():
@@ -196,10 +218,18 @@ class ScoringEngine:
         continue
       deadline = time.monotonic() + self.batch_wait_s
       while len(jobs) < self.max_batch_size:
-        try:  # what is already queued joins at once; then wait briefly for more
-          jobs.append(self._queue.get(timeout=max(0.0, deadline - time.monotonic())))
+        try:  # what is already queued joins at once
+          jobs.append(self._queue.get_nowait())
+          continue
         except queue.Empty:
+          pass
+        left = deadline - time.monotonic()
+        if not self._arriving or left <= 0:  # nothing on its way, or waited long enough
           break
+        try:
+          jobs.append(self._queue.get(timeout=min(left, 1e-3)))
+        except queue.Empty:
+          pass
       groups: dict[tuple, list[_Job]] = {}
       for job in jobs:
         if not job.abandoned:
@@ -456,11 +486,30 @@ def make_handler(engine: ScoringEngine, request_timeout_s: float):
   return Handler
 
 
+class _Server(ThreadingHTTPServer):
+  """One thread per connection; tells the engine which requests are on their way."""
+  daemon_threads = True
+  request_queue_size = 1024  # the listen backlog (socketserver's 5 resets bursts of clients)
+
+  def __init__(self, address, handler, engine: ScoringEngine):
+    super().__init__(address, handler)
+    self.engine = engine
+
+  def process_request(self, request, client_address):  # the accept loop's thread
+    self.engine.arriving()
+    super().process_request(request, client_address)
+
+  def process_request_thread(self, request, client_address):  # the request's thread
+    self.engine.start_request()
+    try:
+      super().process_request_thread(request, client_address)
+    finally:
+      self.engine.arrived()
+
+
 def serve(engine: ScoringEngine, host: str, port: int, request_timeout_s: float):
-  """A started ThreadingHTTPServer (call serve_forever / shutdown); port 0 picks a free one."""
-  server = ThreadingHTTPServer((host, port), make_handler(engine, request_timeout_s))
-  server.daemon_threads = True
-  return server
+  """A bound HTTP server (call serve_forever / shutdown); port 0 picks a free one."""
+  return _Server((host, port), make_handler(engine, request_timeout_s), engine)
 
 
 def main(argv=None):
@@ -480,7 +529,7 @@ def main(argv=None):
   ap.add_argument('--max-batch-tokens', type=int, default=1 << 16,
                   help='padded tokens per device call (rows x length bucket)')
   ap.add_argument('--batch-wait-ms', type=float, default=5.0,
-                  help='how long a first request waits for others to batch with')
+                  help='the longest a batch waits for requests already arriving to join it')
   ap.add_argument('--queue-size', type=int, default=1024, help='queued sequences before HTTP 503')
   ap.add_argument('--request-timeout-s', type=float, default=300.0,
                   help='a request waiting longer gets HTTP 504')
