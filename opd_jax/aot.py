@@ -110,32 +110,35 @@ def _grid(chips: int, dims: int) -> list[int]:
   return sorted(shape)
 
 
+def _generation(name: str, spec: str) -> str:
+  gen = _ALIASES.get(name, name)
+  if gen not in HBM_PER_CHIP:
+    raise AotError(f'--topology={spec!r}: unknown TPU generation {name!r}; known: '
+                   f'{", ".join(HBM_PER_CHIP)}')
+  return gen
+
+
 def parse_topology(spec: str) -> Topology:
   """'v5e-16', 'v5litepod-16', 'v4-32', 'v5p-64', 'v6e-8', or a libtpu layout 'v5e:4x4'."""
   s = spec.strip().lower()
   m = re.fullmatch(r'([a-z0-9]+):(\d+(?:x\d+)*)', s)
   if m:
-    gen = _ALIASES.get(m.group(1), m.group(1))
-    if gen not in HBM_PER_CHIP:
-      raise AotError(f'--topology={spec!r}: unknown TPU generation {m.group(1)!r}; known: '
-                     f'{", ".join(HBM_PER_CHIP)}')
+    gen = _generation(m.group(1), spec)
     chips = math.prod(int(x) for x in m.group(2).split('x'))
     return Topology(f'{gen}-{chips * CORES_PER_CHIP[gen]}', gen, chips, f'{gen}:{m.group(2)}')
   m = re.fullmatch(r'([a-z0-9]+)-(\d+)', s)
   if not m:
     raise AotError(f'--topology={spec!r}: expected an accelerator type such as v5e-16, v4-32, '
                    f'v5p-64, v6e-8, or a layout such as v5e:4x4')
-  gen = _ALIASES.get(m.group(1), m.group(1))
-  if gen not in HBM_PER_CHIP:
-    raise AotError(f'--topology={spec!r}: unknown TPU generation {m.group(1)!r}; known: '
-                   f'{", ".join(HBM_PER_CHIP)}')
-  n = int(m.group(2))
-  chips, rem = divmod(n, CORES_PER_CHIP[gen])
+  gen = _generation(m.group(1), spec)
+  per_chip = CORES_PER_CHIP[gen]
+  chips, rem = divmod(int(m.group(2)), per_chip)
   if rem or chips < 1 or chips & (chips - 1):
-    raise AotError(f'--topology={spec!r}: {gen} slices have a power-of-two number of chips '
-                   f'(the number after the dash counts {"TensorCores, 2 per chip" if CORES_PER_CHIP[gen] == 2 else "chips"})')
+    unit = 'TensorCores, 2 per chip' if per_chip == 2 else 'chips'
+    raise AotError(f'--topology={spec!r}: the number after the dash counts {gen} {unit}; '
+                   f'standard slices have a power-of-two number of chips')
   grid = _grid(chips, 3 if gen in _THREE_D else 2)
-  return Topology(f'{gen}-{n}', gen, chips, f'{gen}:{"x".join(map(str, grid))}')
+  return Topology(f'{gen}-{m.group(2)}', gen, chips, f'{gen}:{"x".join(map(str, grid))}')
 
 
 @dataclasses.dataclass
@@ -154,7 +157,10 @@ def libtpu_available() -> bool:
 def tpu_target(topo: Topology) -> Target:
   """Compile-only TPU devices for `topo` (needs libtpu; no TPU hardware)."""
   from jax.experimental import topologies
-  desc = topologies.get_topology_desc(topo.layout, 'tpu')
+  grid = [int(x) for x in topo.layout.split(':')[1].split('x')]
+  # libtpu assumes 2x2x1-chip hosts; a smaller slice (v5e-1, v6e-1) is one smaller host.
+  kw = {'chips_per_host_bounds': (grid + [1] * 3)[:3]} if topo.chips < 4 else {}
+  desc = topologies.get_topology_desc(topo.layout, 'tpu', **kw)
   devices = list(desc.devices)
   per_chip = max(1, len(devices) // max(1, len({tuple(d.coords) for d in devices})))
   return Target(devices, 'tpu-topology',
@@ -398,9 +404,7 @@ def check_config(config, target: Target, *, log=print) -> dict:
   def rollout(prefix, m: _Model, params, b, sp, args_of, cache_dtype):
     """Compiles the Sampler's prefill and decode for b rows; returns the row bucket."""
     bb = batch_bucket(b, shd.batch_size_multiple(m.mesh))
-    # train.py builds its Sampler without cache_dtype, so a bfloat16-compute student gets
-    # a float32 cache (the graphdef's dtype) and its rollout fails to trace; this compiles
-    # what it should be, cache_dtype = the compute dtype.
+    # As train.py builds it: the KV cache in the student's compute dtype.
     sampler = Sampler(m.graphdef, mesh=m.mesh, pad_id=pad_id, cache_dtype=cache_dtype)
     ids = _sds((bb, p_len), jnp.int32, shd.batch_sharding(m.mesh, 2))
     shapes = f'B={bb} P={p_len} N={sp.max_new_tokens}'
@@ -455,8 +459,10 @@ def check_config(config, target: Target, *, log=print) -> dict:
       k = top_k if m.name != 'reference' else 0
       tb = batch_bucket(rows, shd.batch_size_multiple(m.mesh))
       tok = _sds((tb, seq), jnp.int32, shd.batch_sharding(m.mesh, 2))
-      score = make_score_fn(m.graphdef, top_k=k, temperature=config.rollout.temperature)
-      c = _compile(f'score/{m.name}', score, (m.params, tok, tok), {}, mesh=m.mesh, tpu=tpu, log=log)
+      score = make_score_fn(m.graphdef, top_k=k, temperature=config.rollout.temperature,
+                            micro_batches=int(config.batch.micro_batches))
+      c = _compile(f'score/{m.name}', score, (m.params, tok, tok), {}, mesh=m.mesh, tpu=tpu,
+                   log=log)
       add(f'score/{m.name}', c, f'B={tb} L={seq}' + (f' top_k={k}' if k else ''), {m.name},
           m.mesh)
 
@@ -474,7 +480,7 @@ def check_config(config, target: Target, *, log=print) -> dict:
                    teacher_top_logprobs=_sds((ub, seq, top_k), jnp.float32, bsh3))
   update = make_update_fn(student.graphdef, tx, schedule, loss_spec(config),
                           micro_batches=micro, state_shardings=state_shardings)
-  c = _compile('update', update, (state, batch), {}, tpu=tpu, log=log)
+  c = _compile('update', update, (state, batch), {}, mesh=mesh, tpu=tpu, log=log)
   add('update', c, f'B={ub} (micro {ub // micro}) L={seq}', {'state'}, mesh)
 
   worst = max(reports, key=lambda r: (r.measured, r.peak))

@@ -98,7 +98,8 @@ def base_config() -> ConfigDict:
   ))
   c.batch = ConfigDict(dict(
       mini_batches=1,            # optimizer steps per rollout batch
-      micro_batches=1,           # gradient accumulation inside each optimizer step
+      micro_batches=1,           # gradient accumulation inside each optimizer step; teacher
+                                 # and reference scoring also run in this many row groups
   ))
 
   c.sft = ConfigDict(dict(

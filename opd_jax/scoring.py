@@ -16,6 +16,7 @@ that predicted position t (also zero at t = 0).
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -23,6 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from opd_jax import sharding as shd
 from opd_jax.sharding import BATCH_AXES, constrain
 
 DEFAULT_LOGITS_BUDGET = 2**28  # bytes of fp32 logits per chunk (256 MiB)
@@ -111,14 +113,46 @@ def score_model(model, tokens_BxT, mask_BxT, *, positions_BxT=None, temperature:
 
 
 def make_score_fn(graphdef: nnx.GraphDef, *, temperature: float = 1.0, top_k: int = 0,
-                  with_entropy: bool = False, chunk_size: int | None = None):
+                  with_entropy: bool = False, chunk_size: int | None = None,
+                  micro_batches: int = 1):
   """A jitted `(params, tokens_BxT, mask_BxT) -> dict` for a frozen model (teacher,
   reference, or the student without gradients). Compiled once per (B, T) shape; callers
-  bucket their shapes (see `opd_jax.sampling.bucket`)."""
+  bucket their shapes (see `opd_jax.sampling.bucket`).
+
+  `micro_batches` > 1 runs the forward on that many groups of rows one after another
+  (`lax.map`), so activation memory is that of B / micro_batches rows; fewer groups are used
+  when B is not divisible into groups that span the data axes (see `row_groups`)."""
 
   @jax.jit
   def score(params, tokens_BxT, mask_BxT):
     model = nnx.merge(graphdef, params)
-    return score_model(model, tokens_BxT, mask_BxT, temperature=temperature, top_k=top_k,
-                       with_entropy=with_entropy, chunk_size=chunk_size)
+    fn = functools.partial(score_model, model, temperature=temperature, top_k=top_k,
+                           with_entropy=with_entropy, chunk_size=chunk_size)
+    m = row_groups(tokens_BxT.shape[0], micro_batches)
+    if m == 1:
+      return fn(tokens_BxT, mask_BxT)
+    return unsplit_rows(jax.lax.map(lambda xs: fn(*xs), split_rows((tokens_BxT, mask_BxT), m)))
   return score
+
+
+def row_groups(rows: int, micro_batches: int) -> int:
+  """The largest m <= micro_batches such that `rows` splits into m groups whose size is a
+  multiple of the data-parallel extent (of the mesh set by `jax.set_mesh`)."""
+  dp = math.prod(shd.mesh_axis_size(a) for a in shd.BATCH_AXES)
+  m = max(1, int(micro_batches))
+  while m > 1 and rows % (m * dp):
+    m -= 1
+  return m
+
+
+def split_rows(tree, m: int):
+  """[B, ...] -> [m, B / m, ...] with group g holding rows g, m + g, 2m + g, ... (strided, so
+  each group keeps the batch's row sharding instead of landing on a few devices)."""
+  return jax.tree.map(lambda x: jnp.swapaxes(
+      x.reshape((x.shape[0] // m, m) + x.shape[1:]), 0, 1), tree)
+
+
+def unsplit_rows(tree):
+  """The inverse of `split_rows`: [m, B / m, ...] -> [B, ...]."""
+  return jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1).reshape(
+      (x.shape[0] * x.shape[1],) + x.shape[2:]), tree)

@@ -79,7 +79,7 @@ class LocalTeacher:
   """A frozen model on the mesh that returns per-token logprobs of given sequences."""
 
   def __init__(self, spec: TeacherSpec, *, student_mesh, top_k: int = 0,
-               temperature: float = 1.0, model=None):
+               temperature: float = 1.0, model=None, micro_batches: int = 1):
     self.spec = spec
     self.name = spec.name
     if spec.devices:
@@ -93,7 +93,8 @@ class LocalTeacher:
                               rules=spec.sharding)
     self.cfg = model.cfg
     self.graphdef, self.params = nnx.split(model)
-    self._score = make_score_fn(self.graphdef, top_k=top_k, temperature=temperature)
+    self._score = make_score_fn(self.graphdef, top_k=top_k, temperature=temperature,
+                                micro_batches=micro_batches)
     self.top_k = top_k
     self.tokens_scored = 0
     self.rows_forwarded = 0

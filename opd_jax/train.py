@@ -158,7 +158,8 @@ def run(config, workdir: str) -> dict:
     data_lib.check_tokenizers_match(tokenizer, transformers.AutoTokenizer.from_pretrained(
         spec.model), teacher_name=f'teacher {spec.name!r} ({spec.model})')
     teachers.append(LocalTeacher(spec, student_mesh=mesh, top_k=top_k,
-                                 temperature=config.rollout.temperature))
+                                 temperature=config.rollout.temperature,
+                                 micro_batches=int(config.batch.micro_batches)))
   use_opd = config.mode == 'opd' and bool(teachers) and config.rl.use_opd
   if config.mode == 'opd':
     for tag in train_tags:
@@ -172,7 +173,8 @@ def run(config, workdir: str) -> dict:
     ref_path = student_path if ref == 'student_init' else tiny.resolve_model(ref)
     reference = LocalTeacher(TeacherSpec(name='reference', model=ref_path,
                                          sharding=config.student.sharding),
-                             student_mesh=mesh, temperature=config.rollout.temperature)
+                             student_mesh=mesh, temperature=config.rollout.temperature,
+                             micro_batches=int(config.batch.micro_batches))
   stop_ids = {i for i in np.atleast_1d(student.hf_config.get('eos_token_id') or []) if i is not None}
   if tokenizer.eos_token_id is not None:
     stop_ids.add(tokenizer.eos_token_id)
@@ -185,7 +187,9 @@ def run(config, workdir: str) -> dict:
 
   # ===================================================================== jitted steps
   pad_id = tokenizer.pad_token_id or 0
-  sampler = Sampler(graphdef, mesh=mesh, pad_id=pad_id)
+  # The rollout runs on parameters cast to the compute dtype; its KV cache takes that dtype.
+  sampler = Sampler(graphdef, mesh=mesh, pad_id=pad_id,
+                    cache_dtype=jnp.dtype(config.student.compute_dtype))
   rollout_sp = rollout_params(config, stop_ids)
   if config.mode == 'sft' and config.sft.source == 'teacher':
     if not teachers or not isinstance(teachers[0], LocalTeacher):

@@ -30,7 +30,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from opd_jax import losses
-from opd_jax.scoring import map_vocab_chunks
+from opd_jax.scoring import map_vocab_chunks, split_rows
 
 SCHEDULES = {
     'constant': lambda lr, total, warmup: optax.constant_schedule(lr),
@@ -164,8 +164,10 @@ def make_update_fn(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, sch
       stats = _merge_stats(stats, st)
       return (grads, loss_sum + lv, stats), None
 
-    split = jax.tree.map(lambda x: x.reshape((micro_batches, b // micro_batches) + x.shape[1:]),
-                         batch)
+    # Micro-batch m takes rows m, M + m, 2M + m, ...: the batch's row sharding stays on the
+    # rows of every micro-batch (a contiguous split would hand whole micro-batches to single
+    # devices, and XLA would then compute each one replicated).
+    split = split_rows(batch, micro_batches)
     zeros = jax.tree.map(jnp.zeros_like, state['params'])
     first = jax.tree.map(lambda x: x[0], split)
     stats0 = jax.tree.map(jnp.zeros_like, jax.eval_shape(

@@ -50,6 +50,37 @@ def test_right_and_left_padding_match_unpadded(hf_checkpoints, family):
   assert np.abs(left - alone).max() <= 1e-5
 
 
+@pytest.mark.parametrize('family', FAMILIES)
+def test_query_blocked_attention_matches_transformers_and_unblocked_gradients(
+    hf_checkpoints, family, monkeypatch):
+  """Long sequences attend in query blocks (decoder.QUERY_BLOCK); with blocks of 8 positions
+  the 40-token batch (padded to 48) runs 6 blocks: the same logits as transformers and the
+  same gradients as one block."""
+  from flax import nnx
+  from opd_jax.models import decoder
+  path = hf_checkpoints[family]
+  ids = np.pad(IDS, [(0, 0), (0, 8)])
+  mask = np.pad(RIGHT_PAD, [(0, 0), (0, 8)])
+  ref = torch_logits(path, IDS, RIGHT_PAD)
+  model = load_pretrained(path)
+  graphdef, params = nnx.split(model)
+
+  def loss(p):
+    logits = nnx.merge(graphdef, p)(jnp.asarray(ids), jnp.asarray(mask))
+    return jnp.sum(jax.nn.log_softmax(logits)[..., 0] * mask), logits
+
+  want, want_logits = jax.grad(loss, has_aux=True)(params)
+  monkeypatch.setattr(decoder, 'QUERY_BLOCK', 8)
+  jaxpr = str(jax.make_jaxpr(loss)(params))
+  assert 'checkpoint' in jaxpr or 'remat' in jaxpr  # the blocked path was traced
+  got, logits = jax.grad(loss, has_aux=True)(params)
+  assert _max_diff_on_real_tokens(np.asarray(logits)[:, :40], ref, RIGHT_PAD) <= 1e-4
+  np.testing.assert_allclose(np.asarray(logits), np.asarray(want_logits), atol=1e-5, rtol=0)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):  # fp32 summation order only
+    a, b = np.asarray(a), np.asarray(b)
+    assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max() + 1e-7, np.abs(a - b).max()
+
+
 def test_llama3_rope_scaling_is_applied(hf_checkpoints):
   cfg, _ = read_hf_config(hf_checkpoints['llama'])
   assert cfg.rope_type == 'llama3'

@@ -100,3 +100,41 @@ def test_memory_at_qwen_vocabulary():
         f'(chunk {auto_chunk_size(8, 1023, 151936)})')
   assert temp < 2**30
   assert temp < full / 5
+
+
+@pytest.mark.parametrize('micro', [2, 3])
+def test_row_groups_give_the_same_scores(qwen2, micro):
+  """micro_batches splits the 6 rows into groups scored one after another (rows g, m + g,
+  ...): the same scores for the same rows in the same order."""
+  graphdef, params = nnx.split(qwen2)
+  ids = np.concatenate([IDS, IDS[::-1]])
+  mask = np.concatenate([MASK, MASK[::-1]])
+  want = make_score_fn(graphdef, top_k=3)(params, ids, mask)
+  got = make_score_fn(graphdef, top_k=3, micro_batches=micro)(params, ids, mask)
+  for k in want:
+    np.testing.assert_allclose(np.asarray(got[k]), np.asarray(want[k]), atol=1e-5, err_msg=k)
+
+
+def test_row_groups_respect_the_data_axes_and_cut_memory():
+  """On 8 devices, 32 rows in 4 groups of 8 (one row per device per group) need about a
+  quarter of the activation memory; 12 groups are impossible (32 rows), so 4 are used."""
+  from opd_jax import sharding as shd
+  from opd_jax.scoring import row_groups
+  mesh = shd.make_mesh({'fsdp': -1})
+  cfg = ModelConfig(model_type='qwen3', vocab_size=512, hidden_size=128, intermediate_size=512,
+                    num_layers=2, num_heads=4, num_kv_heads=2, head_dim=32, tie_embeddings=True,
+                    qk_norm=True)
+  abstract = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0)))
+  graphdef, params = nnx.split(abstract)
+  params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                       sharding=shd.replicated(mesh)), params)
+  tokens = jax.ShapeDtypeStruct((32, 256), jnp.int32, sharding=shd.batch_sharding(mesh))
+  temps = {}
+  with jax.set_mesh(mesh):
+    assert row_groups(32, 4) == 4 and row_groups(32, 12) == 4 and row_groups(24, 2) == 1
+    for m in (1, 4):
+      compiled = make_score_fn(graphdef, micro_batches=m).lower(params, tokens, tokens).compile()
+      temps[m] = compiled.memory_analysis().temp_size_in_bytes
+  print(f'scoring temps per device: {temps[1] / 2**20:.1f} MiB in one group, '
+        f'{temps[4] / 2**20:.1f} MiB in 4')
+  assert temps[4] < 0.5 * temps[1]

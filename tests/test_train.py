@@ -87,6 +87,18 @@ def test_runlocal_recipes_run_two_steps(name, tmp_path):
   assert np.isfinite(result['history']['loss'][-1][1])
 
 
+def test_bfloat16_compute_runs(tmp_path):
+  """The full-size recipes compute in bfloat16 (fp32 master weights): the rollout's KV cache
+  and attention take the compute dtype, and the losses stay finite."""
+  cfg = with_overrides(load_config('opd_single_teacher', 'runlocal'),
+                       student__compute_dtype='bfloat16', teachers__teacher__dtype='bfloat16',
+                       checkpoint__every=0, export__hf_dir='', eval_every=0)
+  result = run(cfg, str(tmp_path))
+  assert result['step'] == 2
+  for key in ('loss', 'opd/reverse_kl'):
+    assert all(np.isfinite(v) for _, v in result['history'][key]), key
+
+
 def test_single_teacher_runlocal_logs_everything(single_teacher_run):
   workdir, result = single_teacher_run
   assert result['step'] == 2
