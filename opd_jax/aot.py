@@ -416,10 +416,9 @@ def check_config(config, target: Target, *, log=print) -> dict:
       cache, logits = _strip(pre[0].out_info)
     else:  # the prefill does not compile; the decode still can, on the sampler's layout
       kv_axis = 'tensor' if m.cfg.num_kv_heads % m.mesh.shape['tensor'] == 0 else None
-      kv = _sds((m.cfg.num_layers, bb, p_len + sp.max_new_tokens, m.cfg.num_kv_heads,
-                 m.cfg.head_dim), cache_dtype,
-                NamedSharding(m.mesh, P(None, shd.BATCH_AXES, None, kv_axis, None)))
-      cache = {'k': kv, 'v': kv}
+      kv = _sds((bb, p_len + sp.max_new_tokens, m.cfg.num_kv_heads, m.cfg.head_dim),
+                cache_dtype, NamedSharding(m.mesh, P(shd.BATCH_AXES, None, kv_axis, None)))
+      cache = {'k': [kv] * m.cfg.num_layers, 'v': [kv] * m.cfg.num_layers}
       logits = _sds((bb, m.cfg.vocab_size), jnp.float32, shd.batch_sharding(m.mesh, 2))
     key = jax.eval_shape(lambda: jax.random.key(0))
     key = _sds(key.shape, key.dtype, shd.replicated(m.mesh))

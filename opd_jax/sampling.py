@@ -5,8 +5,9 @@ Legend: B rows, P prompt slots (bucketed), N max new tokens, S = P + N cache slo
 
 Layout. Prompts are left-padded to P, so every row's next token goes to the same cache slot
 P + i at decode step i (one `dynamic_update_slice` for the whole batch) while positions
-stay per-row (the count of real tokens before it). The cache is created by `prefill`, then
-donated to `decode`, whose loop updates it in place; no Python runs per token.
+stay per-row (the count of real tokens before it). The cache (one k and one v array
+[B, S, K, E] per layer, the layers unrolled) is created by `prefill`, then donated to
+`decode`, whose loop updates it in place; no Python runs per token.
 
 Behaviour logprobs. `logprobs[:, i]` is the log-probability of the sampled token under the
 exact distribution it was drawn from:
@@ -163,30 +164,33 @@ def _select(logits_BxV, key, sp: SamplingParams):
 
 
 def _cache_spec():
-  return (None, shd.BATCH_AXES, None, 'tensor', None)  # [L, B, S, K, E]
+  return (shd.BATCH_AXES, None, 'tensor', None)  # each layer's [B, S, K, E]
 
 
 def _prefill(graphdef, params, prompt_ids_BxP, prompt_mask_BxP, *, max_new_tokens: int,
              cache_dtype):
   model = nnx.merge(graphdef, params)
   b, p = prompt_ids_BxP.shape
-  cache = init_cache(model.cfg, b, p + max_new_tokens, cache_dtype or model.dtype)
+  # Per-layer cache arrays, written in place layer by layer here and at every decode step.
+  cache = init_cache(model.cfg, b, p + max_new_tokens, cache_dtype or model.dtype,
+                     per_layer=True)
   cache = jax.tree.map(lambda c: shd.constrain(c, *_cache_spec()), cache)
   kv_mask_BxS = jnp.concatenate(
       [prompt_mask_BxP, jnp.ones((b, max_new_tokens), prompt_mask_BxP.dtype)], axis=1)
   positions = jnp.maximum(jnp.cumsum(prompt_mask_BxP, axis=-1) - 1, 0)
   hidden, cache = model.hidden(prompt_ids_BxP, positions_BxT=positions, cache=cache,
-                               kv_mask_BxS=kv_mask_BxS, start=0)
+                               kv_mask_BxS=kv_mask_BxS, start=0,
+                               unrolled=model.split_layers(fuse=False))
   logits = model.logits(hidden[:, -1:])[:, 0]
   return cache, logits
 
 
 def _decode(graphdef, params, cache, logits_BxV, prompt_mask_BxP, done_B, key, *,
-            sp: SamplingParams, pad_id: int, unroll: bool = True):
+            sp: SamplingParams, pad_id: int):
   model = nnx.merge(graphdef, params)
   # Sliced (and q/k/v, gate/up fused unless 'tensor' splits them) once, outside the loop.
   fuse = shd.mesh_axis_size('tensor') == 1
-  layers = model.split_layers(fuse=fuse) if unroll else None
+  layers = model.split_layers(fuse=fuse)
   b, p = prompt_mask_BxP.shape
   n = sp.max_new_tokens
   kv_mask_BxS = jnp.concatenate([prompt_mask_BxP, jnp.ones((b, n), prompt_mask_BxP.dtype)], 1)
@@ -208,7 +212,7 @@ def _decode(graphdef, params, cache, logits_BxV, prompt_mask_BxP, done_B, key, *
     done = done | jnp.isin(token, stop_ids)
     hidden, cache = model.hidden(token[:, None], positions_BxT=(prompt_len_B + step)[:, None],
                                  cache=cache, kv_mask_BxS=kv_mask_BxS, start=p + step,
-                                 unrolled=layers if unroll else None)
+                                 unrolled=layers)
     logits = model.logits(hidden)[:, 0]
     return step + 1, cache, done, logits, tokens, mask, logps
 

@@ -23,6 +23,10 @@ def main(argv=None):
   ap.add_argument('--runs', type=int, default=5)
   ap.add_argument('--temperature', type=float, default=1.0)
   ap.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'])
+  ap.add_argument('--mesh', default='',
+                  help="e.g. 'data=2': rows split over that many devices (on a CPU, run with "
+                       'XLA_FLAGS=--xla_force_host_platform_device_count=N: one device per '
+                       'core runs its rows in parallel)')
   ap.add_argument('--make-model', action='store_true',
                   help='write the benchmark Qwen3 (hidden 256, 4 layers) to --model first')
   args = ap.parse_args(argv)
@@ -37,9 +41,13 @@ def main(argv=None):
 
   if args.make_model:
     make_bench_model(args.model)
-  model = load_pretrained(args.model, dtype=jnp.dtype(args.dtype))
+  mesh = None
+  if args.mesh:
+    from opd_jax import sharding as shd
+    mesh = shd.make_mesh({k: int(v) for k, v in (kv.split('=') for kv in args.mesh.split(','))})
+  model = load_pretrained(args.model, mesh=mesh, dtype=jnp.dtype(args.dtype))
   graphdef, params = nnx.split(model)
-  sampler = Sampler(graphdef, pad_id=0)
+  sampler = Sampler(graphdef, mesh=mesh, pad_id=0)
   rng = np.random.RandomState(0)
   prompts = [list(rng.randint(1, model.cfg.vocab_size, args.prompt_len))
              for _ in range(args.batch)]
@@ -55,6 +63,7 @@ def main(argv=None):
   compile_s = time.perf_counter() - t0
   n_tokens = int(np.asarray(out.mask).sum())
   print(f'model={args.model} params={model.cfg.num_params:,} devices={jax.device_count()} '
+        f'mesh={dict(mesh.shape) if mesh is not None else None} '
         f'({jax.devices()[0].platform}) batch={args.batch} prompt_len={args.prompt_len} '
         f'new_tokens={args.new_tokens} dtype={args.dtype}')
   print(f'compile_and_first_run_s={compile_s:.2f}')

@@ -10,9 +10,10 @@ Parameters carry Hugging Face's names and layouts (`weight` of a linear layer is
 The L decoder layers are one vmapped `Block` with stacked parameters ([L, ...] leading
 axis), run with `lax.scan`, so compile time does not grow with depth.
 
-The KV cache is a dict of two arrays [L, B, S, K, E]. A cached call writes the new keys and
-values at slots [start, start + T) and lets query t attend to slots <= start + t whose
-`kv_mask` is set; slot order is time order (the sampler left-pads prompts).
+The KV cache is a dict of two arrays [L, B, S, K, E] (or, for unrolled layers, of two lists
+of L arrays [B, S, K, E]). A cached call writes the new keys and values at slots
+[start, start + T) and lets query t attend to slots <= start + t whose `kv_mask` is set;
+slot order is time order (the sampler left-pads prompts).
 """
 
 from __future__ import annotations
@@ -126,9 +127,14 @@ class Attention(nnx.Module):
       # Write this chunk into layer `layer` of the stacked cache in place, then attend to
       # the whole (static-length) cache of that layer.
       cache_k, cache_v = cache_kv
-      idx = (layer, 0, start, 0, 0)
-      cache_k = jax.lax.dynamic_update_slice(cache_k, k[None].astype(cache_k.dtype), idx)
-      cache_v = jax.lax.dynamic_update_slice(cache_v, v[None].astype(cache_v.dtype), idx)
+      if layer is None:  # this layer's own cache arrays [B, S, K, E]
+        idx = (0, start, 0, 0)
+        cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), idx)
+        cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), idx)
+      else:  # layer `layer` of stacked [L, B, S, K, E] caches
+        idx = (layer, 0, start, 0, 0)
+        cache_k = jax.lax.dynamic_update_slice(cache_k, k[None].astype(cache_k.dtype), idx)
+        cache_v = jax.lax.dynamic_update_slice(cache_v, v[None].astype(cache_v.dtype), idx)
       cache_kv = (cache_k, cache_v)
       if isinstance(start, int) and start == 0:
         # The prefill: every slot after these T is still empty, so attend to the T new keys
@@ -137,6 +143,8 @@ class Attention(nnx.Module):
         k = k.astype(cache_k.dtype).astype(q.dtype)
         v = v.astype(cache_v.dtype).astype(q.dtype)
         kv_mask_BxS = kv_mask_BxS[:, :t]
+      elif layer is None:
+        k, v = cache_k.astype(q.dtype), cache_v.astype(q.dtype)
       else:
         # Read back in the compute dtype (a cache may be wider than the parameters).
         k = jax.lax.dynamic_index_in_dim(cache_k, layer, axis=0, keepdims=False).astype(q.dtype)
@@ -343,6 +351,14 @@ class Decoder(nnx.Module):
 
     if remat:
       body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
+    per_layer = cache is not None and isinstance(cache['k'], (list, tuple))
+    if per_layer and unrolled is None:
+      raise ValueError('a per-layer cache (lists of [B, S, K, E]) needs unrolled layers')
+    if per_layer:  # each layer updates its own arrays in place (no slicing of a stack)
+      ks, vs = list(cache['k']), list(cache['v'])
+      for i, (state, fused) in enumerate(unrolled):
+        (x, (ks[i], vs[i])), _ = body((x, (ks[i], vs[i])), (state, None), fused)
+      return self.norm(x), {'k': ks, 'v': vs}
     cache_kv = None if cache is None else (cache['k'], cache['v'])
     if unrolled is not None:
       for i, (state, fused) in enumerate(unrolled):
@@ -368,7 +384,13 @@ class Decoder(nnx.Module):
     return self.logits(h)
 
 
-def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=jnp.float32):
-  """An empty KV cache {k, v}: [L, B, S, K, E]."""
-  shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
+def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=jnp.float32, *,
+               per_layer: bool = False):
+  """An empty KV cache {k, v}: [L, B, S, K, E], or with `per_layer` lists of L arrays
+  [B, S, K, E] (for `hidden(unrolled=...)`: each layer's arrays are updated in place, where
+  a stacked cache costs a copy of the layer's slice per call on XLA:CPU)."""
+  shape = (batch, length, cfg.num_kv_heads, cfg.head_dim)
+  if per_layer:
+    return {n: [jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)] for n in ('k', 'v')}
+  shape = (cfg.num_layers,) + shape
   return {'k': jnp.zeros(shape, dtype), 'v': jnp.zeros(shape, dtype)}
