@@ -1,6 +1,6 @@
 """The CPU demo: on-policy distillation fixes a student's systematic mistake.
 
-  python -m opd_jax.demo --workdir runs/demo        # every stage, ~7 min on a 2-core CPU
+  python -m opd_jax.demo --workdir runs/demo        # every stage, ~3 min on a 2-core CPU
 
 Task (opd_jax/tasks/arithmetic.py): 3-digit addition written out column by column,
 "583+767" -> "3+7+0=10\\n8+6+1=15\\n5+7+1=13\\n#### 1350", checked by exact match.
