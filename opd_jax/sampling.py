@@ -6,8 +6,9 @@ Legend: B rows, P prompt slots (bucketed), N max new tokens, S = P + N cache slo
 Layout. Prompts are left-padded to P, so every row's next token goes to the same cache slot
 P + i at decode step i (one `dynamic_update_slice` for the whole batch) while positions
 stay per-row (the count of real tokens before it). The cache (one k and one v array
-[B, S, K, E] per layer, the layers unrolled) is created by `prefill`, then donated to
-`decode`, whose loop updates it in place; no Python runs per token.
+[B, S, K, E] per layer) is created by `prefill` (a scan over the stacked layers), then
+donated to `decode` (layers unrolled), whose loop updates each layer's arrays in place; no
+Python runs per token.
 
 Behaviour logprobs. `logprobs[:, i]` is the log-probability of the sampled token under the
 exact distribution it was drawn from:
@@ -171,7 +172,8 @@ def _prefill(graphdef, params, prompt_ids_BxP, prompt_mask_BxP, *, max_new_token
              cache_dtype):
   model = nnx.merge(graphdef, params)
   b, p = prompt_ids_BxP.shape
-  # Per-layer cache arrays, written in place layer by layer here and at every decode step.
+  # Per-layer cache arrays: the prefill (a scan over the stacked layers) fills their first P
+  # slots, every decode step (layers unrolled) updates them in place.
   cache = init_cache(model.cfg, b, p + max_new_tokens, cache_dtype or model.dtype,
                      per_layer=True)
   cache = jax.tree.map(lambda c: shd.constrain(c, *_cache_spec()), cache)
@@ -179,8 +181,7 @@ def _prefill(graphdef, params, prompt_ids_BxP, prompt_mask_BxP, *, max_new_token
       [prompt_mask_BxP, jnp.ones((b, max_new_tokens), prompt_mask_BxP.dtype)], axis=1)
   positions = jnp.maximum(jnp.cumsum(prompt_mask_BxP, axis=-1) - 1, 0)
   hidden, cache = model.hidden(prompt_ids_BxP, positions_BxT=positions, cache=cache,
-                               kv_mask_BxS=kv_mask_BxS, start=0,
-                               unrolled=model.split_layers(fuse=False))
+                               kv_mask_BxS=kv_mask_BxS, start=0)
   logits = model.logits(hidden[:, -1:])[:, 0]
   return cache, logits
 

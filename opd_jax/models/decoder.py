@@ -158,7 +158,9 @@ class Attention(nnx.Module):
       out = _attend_blocked(q_BxTxKxGxE, k, v, kv_mask_BxS, q_slot_T, QUERY_BLOCK)
     else:
       out = _attend(q_BxTxKxGxE, k, v, kv_mask_BxS, q_slot_T)
-    return self.o_proj(out.reshape(b, t, cfg.num_heads * e)), cache_kv
+    # Without a cache, the new keys and values (a prefill collects them for its cache).
+    return self.o_proj(out.reshape(b, t, cfg.num_heads * e)), (
+        cache_kv if cache_kv is not None else (k, v))
 
 
 # Query positions per attention block: a call with more queries (a long scoring, update or
@@ -340,20 +342,38 @@ class Decoder(nnx.Module):
     x = constrain(self.embed_tokens(input_ids_BxT.astype(jnp.int32)), BATCH_AXES)
     layer_def, layer_state = nnx.split(self.layers)
 
+    per_layer = cache is not None and isinstance(cache['k'], (list, tuple))
+    # A prefill into a per-layer cache with stacked layers: run the T tokens uncached through
+    # the scan (compile time independent of depth), collect each layer's keys and values
+    # ([L, B, T, K, E], T slots only), then write them into the layers' cache arrays.
+    collect = per_layer and unrolled is None
+    if collect:
+      if not (isinstance(start, int) and start == 0):
+        raise ValueError('a per-layer cache with stacked layers is only for a prefill '
+                         '(start=0); decode steps need unrolled layers')
+      kv_mask_BxS = kv_mask_BxS[:, :t]
+
     def body(carry, xs, fused=None):
       x, cache_kv = carry
       state, layer = xs
       block = nnx.merge(layer_def, state)
-      x, cache_kv = block(x, cos, sin, fused=fused, kv_mask_BxS=kv_mask_BxS,
-                          q_slot_T=q_slot_T, cache_kv=cache_kv, layer=layer, start=start)
+      x, kv = block(x, cos, sin, fused=fused, kv_mask_BxS=kv_mask_BxS,
+                    q_slot_T=q_slot_T, cache_kv=cache_kv, layer=layer, start=start)
       x = constrain(x, BATCH_AXES)
-      return (x, cache_kv), None
+      if cache_kv is None:  # uncached: kv are this layer's new keys and values
+        return (x, None), (kv if collect else None)
+      return (x, kv), None
 
     if remat:
       body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
-    per_layer = cache is not None and isinstance(cache['k'], (list, tuple))
-    if per_layer and unrolled is None:
-      raise ValueError('a per-layer cache (lists of [B, S, K, E]) needs unrolled layers')
+    if collect:
+      layers = jnp.arange(self.cfg.num_layers)
+      (x, _), (k_LxBxTxKxE, v_LxBxTxKxE) = jax.lax.scan(body, (x, None), (layer_state, layers))
+      new_cache = {
+          name: [jax.lax.dynamic_update_slice(c, new[i].astype(c.dtype), (0, 0, 0, 0))
+                 for i, c in enumerate(cache[name])]
+          for name, new in (('k', k_LxBxTxKxE), ('v', v_LxBxTxKxE))}
+      return self.norm(x), new_cache
     if per_layer:  # each layer updates its own arrays in place (no slicing of a stack)
       ks, vs = list(cache['k']), list(cache['v'])
       for i, (state, fused) in enumerate(unrolled):
