@@ -163,3 +163,27 @@ def test_sharded_sampling_equals_single_device(hf_checkpoints):
   np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(ref.tokens))
   np.testing.assert_array_equal(np.asarray(out.mask), np.asarray(ref.mask))
   np.testing.assert_allclose(np.asarray(out.logprobs), np.asarray(ref.logprobs), atol=1e-4)
+
+
+def test_per_layer_cache_prefill_then_decode_equals_uncached_logits(qwen3):
+  """The sampler's cache path: a prefill into per-layer cache arrays (layers scanned), then
+  single-token steps (layers unrolled) give the logits of one uncached forward pass; a
+  stacked-layer call on a per-layer cache past the prefill is refused."""
+  from opd_jax.models import init_cache
+  model = qwen3[0]
+  ids = jnp.asarray(np.random.RandomState(5).randint(3, 100, (2, 9)), jnp.int32)
+  want = np.asarray(model(ids))
+  p, s = 6, 9
+  cache = init_cache(model.cfg, 2, s, per_layer=True)
+  assert len(cache['k']) == model.cfg.num_layers and cache['k'][0].shape[:2] == (2, s)
+  kv_mask = jnp.ones((2, s), jnp.int32)
+  h, cache = model.hidden(ids[:, :p], cache=cache, kv_mask_BxS=kv_mask, start=0)
+  got = [np.asarray(model.logits(h))]
+  layers = model.split_layers(fuse=True)
+  for t in range(p, s):
+    h, cache = model.hidden(ids[:, t:t + 1], cache=cache, kv_mask_BxS=kv_mask, start=t,
+                            unrolled=layers)
+    got.append(np.asarray(model.logits(h)))
+  np.testing.assert_allclose(np.concatenate(got, axis=1), want, atol=1e-5)
+  with pytest.raises(ValueError, match='only for a prefill'):
+    model.hidden(ids[:, :1], cache=cache, kv_mask_BxS=kv_mask, start=3)
