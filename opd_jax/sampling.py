@@ -174,8 +174,7 @@ def _prefill(graphdef, params, prompt_ids_BxP, prompt_mask_BxP, *, max_new_token
   b, p = prompt_ids_BxP.shape
   # Per-layer cache arrays: the prefill (a scan over the stacked layers) fills their first P
   # slots, every decode step (layers unrolled) updates them in place.
-  cache = init_cache(model.cfg, b, p + max_new_tokens, cache_dtype or model.dtype,
-                     per_layer=True)
+  cache = init_cache(model.cfg, b, p + max_new_tokens, cache_dtype or model.dtype)
   cache = jax.tree.map(lambda c: shd.constrain(c, *_cache_spec()), cache)
   kv_mask_BxS = jnp.concatenate(
       [prompt_mask_BxP, jnp.ones((b, max_new_tokens), prompt_mask_BxP.dtype)], axis=1)

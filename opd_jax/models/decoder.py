@@ -10,10 +10,10 @@ Parameters carry Hugging Face's names and layouts (`weight` of a linear layer is
 The L decoder layers are one vmapped `Block` with stacked parameters ([L, ...] leading
 axis), run with `lax.scan`, so compile time does not grow with depth.
 
-The KV cache is a dict of two arrays [L, B, S, K, E] (or, for unrolled layers, of two lists
-of L arrays [B, S, K, E]). A cached call writes the new keys and values at slots
-[start, start + T) and lets query t attend to slots <= start + t whose `kv_mask` is set;
-slot order is time order (the sampler left-pads prompts).
+The KV cache is a dict of two lists of L arrays [B, S, K, E], one per layer. A cached call
+writes the new keys and values at slots [start, start + T) and lets query t attend to slots
+<= start + t whose `kv_mask` is set; slot order is time order (the sampler left-pads
+prompts).
 """
 
 from __future__ import annotations
@@ -98,8 +98,9 @@ class Attention(nnx.Module):
       self.q_norm = self.k_norm = None
 
   def __call__(self, x_BxTxD, cos, sin, *, kv_mask_BxS, q_slot_T, cache_kv=None,
-               layer=None, start=None, fused_qkv=None):
-    """Returns (out [B, T, D], updated (k, v) caches or None).
+               start=None, fused_qkv=None):
+    """Returns (out [B, T, D], the updated (k, v) cache arrays [B, S, K, E]), or without a
+    cache (out, this call's new (k, v) [B, T, K, E]).
 
     `fused_qkv` (a Linear-like dict from Decoder.split_layers) computes q, k and v with one
     matmul instead of three (the sampler's decode step, where each call's fixed cost counts).
@@ -124,31 +125,14 @@ class Attention(nnx.Module):
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
     if cache_kv is not None:
-      # Write this chunk into layer `layer` of the stacked cache in place, then attend to
-      # the whole (static-length) cache of that layer.
+      # Write this chunk at slots [start, start + T) of this layer's cache arrays in place,
+      # then attend to the whole (static-length) cache, read back in the compute dtype.
       cache_k, cache_v = cache_kv
-      if layer is None:  # this layer's own cache arrays [B, S, K, E]
-        idx = (0, start, 0, 0)
-        cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), idx)
-        cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), idx)
-      else:  # layer `layer` of stacked [L, B, S, K, E] caches
-        idx = (layer, 0, start, 0, 0)
-        cache_k = jax.lax.dynamic_update_slice(cache_k, k[None].astype(cache_k.dtype), idx)
-        cache_v = jax.lax.dynamic_update_slice(cache_v, v[None].astype(cache_v.dtype), idx)
+      idx = (0, start, 0, 0)
+      cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), idx)
+      cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), idx)
       cache_kv = (cache_k, cache_v)
-      if isinstance(start, int) and start == 0:
-        # The prefill: every slot after these T is still empty, so attend to the T new keys
-        # only (a prompt bucket of P attends over P slots, not the P + N of the cache). The
-        # cache's rounding is applied as the decode steps will see it.
-        k = k.astype(cache_k.dtype).astype(q.dtype)
-        v = v.astype(cache_v.dtype).astype(q.dtype)
-        kv_mask_BxS = kv_mask_BxS[:, :t]
-      elif layer is None:
-        k, v = cache_k.astype(q.dtype), cache_v.astype(q.dtype)
-      else:
-        # Read back in the compute dtype (a cache may be wider than the parameters).
-        k = jax.lax.dynamic_index_in_dim(cache_k, layer, axis=0, keepdims=False).astype(q.dtype)
-        v = jax.lax.dynamic_index_in_dim(cache_v, layer, axis=0, keepdims=False).astype(q.dtype)
+      k, v = cache_k.astype(q.dtype), cache_v.astype(q.dtype)
     s = k.shape[1]
 
     q_BxTxKxGxE = q.reshape(b, t, k_heads, g, e)
@@ -320,10 +304,13 @@ class Decoder(nnx.Module):
     """Final-norm hidden states [B, T, D] (model dtype) and the updated cache.
 
     Without a cache, `attention_mask` [B, T] marks real tokens (left or right padding).
-    With a cache (dict k, v: [L, B, S, K, E]), the tokens occupy slots [start, start + T)
-    and `kv_mask_BxS` marks the valid slots (including the ones being written).
-    `unrolled` (from `split_layers()`) runs the layers as a Python loop over those per-layer
-    parameters instead of a scan (the sampler's decode step; compile time grows with L).
+    With a cache (`init_cache`: dict k, v of L arrays [B, S, K, E]), the tokens occupy slots
+    [start, start + T) and `kv_mask_BxS` marks the valid slots (including the ones being
+    written). `unrolled` (from `split_layers()`) runs the layers as a Python loop over those
+    per-layer parameters instead of a scan (compile time grows with L); a cached call needs
+    it, except the prefill (start=0): that runs the T tokens uncached through the scan
+    (compile time independent of depth), collects each layer's keys and values
+    ([L, B, T, K, E], T slots only) and writes them into the layers' cache arrays.
     """
     b, t = input_ids_BxT.shape
     if cache is None:
@@ -342,23 +329,18 @@ class Decoder(nnx.Module):
     x = constrain(self.embed_tokens(input_ids_BxT.astype(jnp.int32)), BATCH_AXES)
     layer_def, layer_state = nnx.split(self.layers)
 
-    per_layer = cache is not None and isinstance(cache['k'], (list, tuple))
-    # A prefill into a per-layer cache with stacked layers: run the T tokens uncached through
-    # the scan (compile time independent of depth), collect each layer's keys and values
-    # ([L, B, T, K, E], T slots only), then write them into the layers' cache arrays.
-    collect = per_layer and unrolled is None
+    collect = cache is not None and unrolled is None  # the prefill, see above
     if collect:
       if not (isinstance(start, int) and start == 0):
-        raise ValueError('a per-layer cache with stacked layers is only for a prefill '
-                         '(start=0); decode steps need unrolled layers')
+        raise ValueError('a cached call with stacked layers is only for a prefill (start=0); '
+                         'decode steps need unrolled layers (split_layers())')
       kv_mask_BxS = kv_mask_BxS[:, :t]
 
-    def body(carry, xs, fused=None):
+    def body(carry, state, fused=None):
       x, cache_kv = carry
-      state, layer = xs
       block = nnx.merge(layer_def, state)
       x, kv = block(x, cos, sin, fused=fused, kv_mask_BxS=kv_mask_BxS,
-                    q_slot_T=q_slot_T, cache_kv=cache_kv, layer=layer, start=start)
+                    q_slot_T=q_slot_T, cache_kv=cache_kv, start=start)
       x = constrain(x, BATCH_AXES)
       if cache_kv is None:  # uncached: kv are this layer's new keys and values
         return (x, None), (kv if collect else None)
@@ -366,28 +348,23 @@ class Decoder(nnx.Module):
 
     if remat:
       body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
-    if collect:
-      layers = jnp.arange(self.cfg.num_layers)
-      (x, _), (k_LxBxTxKxE, v_LxBxTxKxE) = jax.lax.scan(body, (x, None), (layer_state, layers))
-      new_cache = {
-          name: [jax.lax.dynamic_update_slice(c, new[i].astype(c.dtype), (0, 0, 0, 0))
-                 for i, c in enumerate(cache[name])]
-          for name, new in (('k', k_LxBxTxKxE), ('v', v_LxBxTxKxE))}
+    if unrolled is None:
+      (x, _), new_kv = jax.lax.scan(body, (x, None), layer_state)
+      if not collect:
+        return self.norm(x), None
+      new_cache = {name: [jax.lax.dynamic_update_slice(c, new[i].astype(c.dtype), (0, 0, 0, 0))
+                          for i, c in enumerate(cache[name])]
+                   for name, new in zip(('k', 'v'), new_kv)}
       return self.norm(x), new_cache
-    if per_layer:  # each layer updates its own arrays in place (no slicing of a stack)
-      ks, vs = list(cache['k']), list(cache['v'])
-      for i, (state, fused) in enumerate(unrolled):
-        (x, (ks[i], vs[i])), _ = body((x, (ks[i], vs[i])), (state, None), fused)
-      return self.norm(x), {'k': ks, 'v': vs}
-    cache_kv = None if cache is None else (cache['k'], cache['v'])
-    if unrolled is not None:
-      for i, (state, fused) in enumerate(unrolled):
-        (x, cache_kv), _ = body((x, cache_kv), (state, i), fused)
-    else:
-      layers = jnp.arange(self.cfg.num_layers)
-      (x, cache_kv), _ = jax.lax.scan(body, (x, cache_kv), (layer_state, layers))
-    new_cache = None if cache is None else {'k': cache_kv[0], 'v': cache_kv[1]}
-    return self.norm(x), new_cache
+    if cache is None:
+      for state, fused in unrolled:
+        (x, _), _ = body((x, None), state, fused)
+      return self.norm(x), None
+    # Each layer updates its own cache arrays in place (no slicing of a stacked cache).
+    ks, vs = list(cache['k']), list(cache['v'])
+    for i, (state, fused) in enumerate(unrolled):
+      (x, (ks[i], vs[i])), _ = body((x, (ks[i], vs[i])), state, fused)
+    return self.norm(x), {'k': ks, 'v': vs}
 
   def unembed_weight(self):
     """The output projection [V, D] (the embedding when tied)."""
@@ -404,13 +381,9 @@ class Decoder(nnx.Module):
     return self.logits(h)
 
 
-def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=jnp.float32, *,
-               per_layer: bool = False):
-  """An empty KV cache {k, v}: [L, B, S, K, E], or with `per_layer` lists of L arrays
-  [B, S, K, E] (for `hidden(unrolled=...)`: each layer's arrays are updated in place, where
-  a stacked cache costs a copy of the layer's slice per call on XLA:CPU)."""
+def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=jnp.float32):
+  """An empty KV cache {k, v}: lists of L arrays [B, S, K, E], one per layer, so each layer's
+  arrays are updated in place (a stacked [L, ...] cache costs a copy of the layer's slice
+  per call on XLA:CPU)."""
   shape = (batch, length, cfg.num_kv_heads, cfg.head_dim)
-  if per_layer:
-    return {n: [jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)] for n in ('k', 'v')}
-  shape = (cfg.num_layers,) + shape
-  return {'k': jnp.zeros(shape, dtype), 'v': jnp.zeros(shape, dtype)}
+  return {n: [jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)] for n in ('k', 'v')}
