@@ -103,14 +103,11 @@ has_arg --config || die 'the trainer arguments need --config configs/NAME.py[:ar
 has_arg --workdir || die 'the trainer arguments need --workdir DIR'
 has_arg --config.distributed || TRAIN_ARGS+=(--config.distributed=True)
 
+# shellcheck source=launch/lib/runtime.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib/runtime.sh"
 if [[ -z "$RUNTIME" ]]; then
-  case "$ACCEL" in
-    v5litepod-*|v5e-*) RUNTIME=v2-alpha-tpuv5-lite ;;
-    v5p-*) RUNTIME=v2-alpha-tpuv5 ;;
-    v6e-*) RUNTIME=v2-alpha-tpuv6e ;;
-    v4-*) RUNTIME=tpu-ubuntu2204-base ;;
-    *) die "no default --runtime-version for --accelerator-type $ACCEL; pass one" ;;
-  esac
+  RUNTIME="$(default_runtime "$ACCEL")" ||
+    die "no default --runtime-version for --accelerator-type $ACCEL; pass one"
 fi
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

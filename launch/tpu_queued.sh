@@ -80,14 +80,11 @@ done
 QR="${QR:-$NAME-qr}"
 [[ "$MAX_RESTARTS$POLL$SETTLE" =~ ^[0-9]+$ ]] ||
   die '--max-restarts, --poll and --settle take whole numbers'
+# shellcheck source=launch/lib/runtime.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib/runtime.sh"
 if [[ -z "$RUNTIME" ]]; then
-  case "$ACCEL" in
-    v5litepod-*|v5e-*) RUNTIME=v2-alpha-tpuv5-lite ;;
-    v5p-*) RUNTIME=v2-alpha-tpuv5 ;;
-    v6e-*) RUNTIME=v2-alpha-tpuv6e ;;
-    v4-*) RUNTIME=tpu-ubuntu2204-base ;;
-    *) die "no default --runtime-version for --accelerator-type $ACCEL; pass one" ;;
-  esac
+  RUNTIME="$(default_runtime "$ACCEL")" ||
+    die "no default --runtime-version for --accelerator-type $ACCEL; pass one"
 fi
 WORKDIR=
 prev=
