@@ -465,7 +465,7 @@ def check_config(config, target: Target, *, log=print) -> dict:
       add(f'score/{m.name}', c, f'B={tb} L={seq}' + (f' top_k={k}' if k else ''), {m.name},
           m.mesh)
 
-  # the update on one mini-batch (the trainer calls it without a mesh context)
+  # the update on one mini-batch (traced under the state's mesh, as in the trainer)
   ub = rows // mini
   bsh = shd.batch_sharding(mesh, 2)
   fields = ['tokens', 'attention_mask', 'loss_mask']
@@ -479,7 +479,7 @@ def check_config(config, target: Target, *, log=print) -> dict:
                    teacher_top_logprobs=_sds((ub, seq, top_k), jnp.float32, bsh3))
   update = make_update_fn(student.graphdef, tx, schedule, loss_spec(config),
                           micro_batches=micro, state_shardings=state_shardings)
-  c = _compile('update', update, (state, batch), {}, mesh=mesh, tpu=tpu, log=log)
+  c = _compile('update', update, (state, batch), {}, tpu=tpu, log=log)
   add('update', c, f'B={ub} (micro {ub // micro}) L={seq}', {'state'}, mesh)
 
   worst = max(reports, key=lambda r: (r.measured, r.peak))

@@ -140,7 +140,9 @@ def make_update_fn(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, sch
   """A jitted `(state, batch) -> (state, metrics)` with the state donated.
 
   `state_shardings` (see sharding.match_shardings) pins the new state's layout to the old
-  one's, so the step compiles once instead of again when XLA picks other output shardings.
+  one's, so the step compiles once instead of again when XLA picks other output shardings;
+  the step is also traced under their mesh, so the model's activation constraints
+  (sharding.constrain) apply whatever mesh context the caller has or lacks.
 
   `batch` holds [B, L] arrays: tokens, attention_mask, loss_mask, and for 'pg'
   behaviour_logprobs and advantages (plus teacher_top_ids / teacher_top_logprobs [B, L, K]
@@ -195,7 +197,11 @@ def make_update_fn(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, sch
   if state_shardings is None:
     return jax.jit(update, donate_argnums=(0,))
   mesh = jax.tree.leaves(state_shardings)[0].mesh
-  return jax.jit(update, donate_argnums=(0,), in_shardings=(state_shardings, None),
+
+  def update_on_mesh(state, batch):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return update(state, batch)
+  return jax.jit(update_on_mesh, donate_argnums=(0,), in_shardings=(state_shardings, None),
                  out_shardings=(state_shardings, NamedSharding(mesh, P())))
 
 

@@ -90,3 +90,23 @@ def test_unknown_schedule_is_named():
   bad.schedule = 'exponential'
   with pytest.raises(ValueError, match='schedule'):
     make_optimizer(bad, 10)
+
+
+def test_sharded_update_applies_activation_constraints_without_a_mesh_context(hf_checkpoints):
+  """The trainer calls the step outside `jax.set_mesh`; with state_shardings the step traces
+  under their mesh anyway, so the model's batch-axis constraints are in the program (without
+  them XLA was free to compute every row on every device: 13 GiB per row at Qwen3-1.7B)."""
+  from opd_jax import sharding as shd
+  mesh = shd.make_mesh({'fsdp': -1})
+  graphdef, params = nnx.split(load_pretrained(hf_checkpoints['qwen2'], mesh=mesh))
+  tx, sched = make_optimizer(OPTIM, total_steps=10)
+  shapes = jax.eval_shape(lambda p: make_train_state(p, tx), params)
+  shardings = shd.match_shardings(shapes, params, mesh)
+  state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                       shapes, shardings)
+  batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shd.batch_sharding(mesh))
+           for k, v in _batch().items()}
+  assert jax.sharding.get_abstract_mesh().empty
+  text = make_update_fn(graphdef, tx, sched, LossSpec(), micro_batches=2,
+                        state_shardings=shardings).lower(state, batch).as_text()
+  assert text.count('sharding_constraint') >= 4, text.count('sharding_constraint')
