@@ -42,16 +42,26 @@ def _check_ddof(ddof, n, what):
     raise ValueError(f'ddof={ddof} needs more than {ddof} rewards per {what}; got {n}')
 
 
+def _centered(r_PxG):
+  """R − mean over the last axis, exactly 0 in a group whose rewards are all equal.
+
+  The float mean of G equal values need not equal them (8 × float32(2/3) averages to 2/3
+  + 6e-8), and dividing that residue by a std of ~0 + eps made it an advantage of 0.056."""
+  equal = jnp.all(r_PxG == r_PxG[..., :1], axis=-1, keepdims=True)
+  return jnp.where(equal, 0., r_PxG - jnp.mean(r_PxG, axis=-1, keepdims=True)), equal
+
+
 def grpo(rewards_B, *, group_size, eps=1e-6, normalize_std=True, ddof=0):
   """GRPO: (R − group mean) / (group std + eps); normalize_std=False is Dr. GRPO (R − mean).
 
-  rewards_B: [B]; returns adv_B [B]. A group with identical rewards gets 0 (no NaN).
+  rewards_B: [B]; returns adv_B [B]. A group with identical rewards gets exactly 0.
   """
   r_PxG = _grouped(rewards_B, group_size)
-  adv_PxG = r_PxG - jnp.mean(r_PxG, axis=-1, keepdims=True)
+  adv_PxG, equal = _centered(r_PxG)
   if normalize_std:
     _check_ddof(ddof, group_size, 'group')
-    adv_PxG = adv_PxG / (jnp.std(r_PxG, axis=-1, keepdims=True, ddof=ddof) + eps)
+    std = jnp.std(r_PxG, axis=-1, keepdims=True, ddof=ddof)
+    adv_PxG = jnp.where(equal, 0., adv_PxG / (std + eps))
   return adv_PxG.reshape(-1)
 
 
@@ -64,15 +74,17 @@ def rloo(rewards_B, *, group_size, eps=1e-6):
     raise ValueError(f'rloo needs group_size >= 2 (a leave-one-out baseline needs another '
                      f'sample of the same prompt); got group_size={group_size}')
   others_mean_PxG = (jnp.sum(r_PxG, axis=-1, keepdims=True) - r_PxG) / (group_size - 1)
-  return (r_PxG - others_mean_PxG).reshape(-1)
+  equal = jnp.all(r_PxG == r_PxG[..., :1], axis=-1, keepdims=True)
+  return jnp.where(equal, 0., r_PxG - others_mean_PxG).reshape(-1)
 
 
 def reinforce_pp(rewards_B, *, group_size, eps=1e-6, ddof=0):
   """REINFORCE++: (R − batch mean) / (batch std + eps), one baseline for the whole batch
   (no per-prompt groups; group_size only checks the layout). [B] -> [B]."""
-  r_B = _grouped(rewards_B, group_size).reshape(-1)
-  _check_ddof(ddof, r_B.shape[0], 'batch')
-  return (r_B - jnp.mean(r_B)) / (jnp.std(r_B, ddof=ddof) + eps)
+  r_1xB = _grouped(rewards_B, group_size).reshape(1, -1)
+  _check_ddof(ddof, r_1xB.shape[1], 'batch')
+  adv_1xB, equal = _centered(r_1xB)
+  return jnp.where(equal, 0., adv_1xB / (jnp.std(r_1xB, ddof=ddof) + eps)).reshape(-1)
 
 
 def reinforce(rewards_B, *, group_size, eps=1e-6):

@@ -94,3 +94,20 @@ def test_integer_rewards_and_jit():
 def test_errors(call, err, msg):
   with pytest.raises(err, match=msg):
     call()
+
+
+@pytest.mark.parametrize('value', [0.3, 2 / 3, 0.9, 1e6])
+@pytest.mark.parametrize('name, kw', [('grpo', {}), ('grpo', {'normalize_std': False}),
+                                      ('grpo', {'ddof': 1}), ('rloo', {}),
+                                      ('reinforce_pp', {})])
+def test_equal_rewards_get_exactly_zero(name, kw, value):
+  """A group (or, for REINFORCE++, a batch) of equal rewards carries no signal. The float mean
+  of 8 × float32(2/3) is not 2/3, and the residue over std + eps was an advantage of 0.056."""
+  r = np.full(8, value, np.float32)
+  np.testing.assert_array_equal(adv.outcome_advantage(name, r, 8, **kw), 0.)
+  # One equal group next to a varied one: only the varied group gets advantages.
+  mixed = np.concatenate([r, np.asarray([0., 1., 0.5, 0.25, 1., 0., 0.75, 0.5], np.float32)])
+  out = np.asarray(adv.outcome_advantage(name, mixed, 8, **kw))
+  if name != 'reinforce_pp':
+    np.testing.assert_array_equal(out[:8], 0.)
+  assert np.abs(out[8:]).max() > 0
