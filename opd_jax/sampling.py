@@ -11,16 +11,11 @@ donated to `decode` (layers unrolled), whose loop updates each layer's arrays in
 Python runs per token.
 
 Behaviour logprobs. `logprobs[:, i]` is the log-probability of the sampled token under the
-exact distribution it was drawn from:
-  1. logits / temperature,
-  2. top-k: logits below the k-th largest are removed,
-  3. top-p: the smallest set of tokens (by descending probability, computed after 1-2) whose
-     mass reaches top_p is kept (the most likely token always is),
-  4. renormalised: logprob = log_softmax(kept logits)[token].
-With temperature 1 and no truncation this is exactly `scoring.score_model`'s logprob of the
-same sequence. With truncation it is the proper behaviour probability μ(a) for the
-importance ratio π_θ(a)/μ(a) of the policy update. Greedy decoding (temperature 0) is a point
-mass; for it we report the untempered model logprob log_softmax(logits)[token] instead of 0.
+exact distribution it was drawn from, the policy of `opd_jax.policy` (tempered, then top-k,
+then top-p, renormalised over what is kept). The update differentiates the same policy, so on
+fresh rollouts ρ = 1 whatever the truncation. Greedy decoding (temperature 0, used by
+evaluation only) is a point mass; for it we report the untempered model logprob
+log_softmax(logits)[token] instead of 0.
 
 Bucketing. P is rounded up to the next entry of `prompt_buckets` and B to the next power of
 two that the data axes divide, so prompts of other lengths in the same bucket reuse the
@@ -39,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from opd_jax import policy as policy_lib
 from opd_jax import sharding as shd
 from opd_jax.models.decoder import init_cache
 
@@ -145,19 +141,7 @@ def _select(logits_BxV, key, sp: SamplingParams):
     token = _argmax(logits_BxV)
     logp = jax.nn.log_softmax(logits_BxV, axis=-1)
     return token, jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0]
-  x = logits_BxV / sp.temperature
-  if sp.top_k and sp.top_k < x.shape[-1]:
-    kth = jax.lax.top_k(x, sp.top_k)[0][:, -1:]
-    x = jnp.where(x < kth, -jnp.inf, x)
-  if sp.top_p < 1.0:
-    order = jnp.argsort(-x, axis=-1)
-    sorted_x = jnp.take_along_axis(x, order, axis=-1)
-    probs = jax.nn.softmax(sorted_x, axis=-1)
-    mass_before = jnp.cumsum(probs, axis=-1) - probs
-    keep_sorted = mass_before < sp.top_p  # the first token always has mass_before 0
-    keep = jnp.zeros_like(keep_sorted).at[
-        jnp.arange(x.shape[0])[:, None], order].set(keep_sorted)
-    x = jnp.where(keep, x, -jnp.inf)
+  x = policy_lib.truncate(logits_BxV / sp.temperature, sp.top_k, sp.top_p)
   # Gumbel-max, as jax.random.categorical does (same draws, same first-index tie rule).
   token = _argmax(x + jax.random.gumbel(key, x.shape, jnp.float32))
   logp = jax.nn.log_softmax(x, axis=-1)

@@ -30,6 +30,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from opd_jax import losses
+from opd_jax import policy as policy_lib
 from opd_jax.scoring import map_vocab_chunks, split_rows
 
 SCHEDULES = {
@@ -59,7 +60,9 @@ def make_optimizer(optim, total_steps: int) -> tuple[optax.GradientTransformatio
 class LossSpec:
   """Static loss settings (hashable: a change recompiles)."""
   kind: str = 'pg'                      # 'pg' | 'nll'
-  temperature: float = 1.0              # the policy is softmax(logits / temperature)
+  temperature: float = 1.0              # the policy is softmax(truncate(logits / temperature))
+  top_k: int = 0                        # the rollout's truncation ('pg' only), so that the
+  top_p: float = 1.0                    # update's s is the sampler's s_b on fresh rollouts
   clip_eps: float | None = None
   clip_eps_high: float | None = None
   ratio_level: str = 'token'
@@ -80,9 +83,16 @@ def _cast(params, dtype):
 
 
 def _position_terms(logp_BxCxV, ex, *, spec: LossSpec):
-  """Per position: logprob of the next token, entropy, and the optional top-k GKD loss."""
-  out = {'logprobs': jnp.take_along_axis(logp_BxCxV, ex['target'][..., None], -1)[..., 0],
-         'entropy': jax.lax.stop_gradient(losses.entropy_from_logp(logp_BxCxV))}
+  """Per position: logprob of the next token under the policy, the policy's entropy, and the
+  optional top-k GKD loss. `logp` is the tempered, untruncated log-softmax; with top-k /
+  top-p the policy renormalises over the kept set exactly as the sampler does
+  (docs/design.md §3.2), while the GKD term compares the untruncated distributions (a
+  truncated student would put −inf on teacher tokens outside its set)."""
+  logp_pi = logp_BxCxV
+  if spec.top_k or spec.top_p < 1.0:
+    logp_pi = jax.nn.log_softmax(policy_lib.truncate(logp_BxCxV, spec.top_k, spec.top_p), -1)
+  out = {'logprobs': jnp.take_along_axis(logp_pi, ex['target'][..., None], -1)[..., 0],
+         'entropy': jax.lax.stop_gradient(losses.entropy_from_logp(logp_pi))}
   if spec.full_vocab:
     student_topk = losses.gather_topk(logp_BxCxV, ex['teacher_top_ids'])
     kw = {'beta': spec.jsd_beta} if spec.full_vocab == 'jsd' else {}
