@@ -1,6 +1,6 @@
-"""The OPD math (DESIGN §3): per-token reverse-KL estimates, advantages (pure OPD, mixed,
-G-OPD), the importance-sampled policy loss, (sum, count) aggregation, and full-vocabulary /
-top-k distillation losses.
+"""The OPD math (docs/design.md §3): per-token reverse-KL estimates, advantages (pure
+OPD, mixed, G-OPD), the importance-sampled policy loss, (sum, count) aggregation, and
+full-vocabulary / top-k distillation losses.
 
 Dimension legend (used in names):
   B sequences, T token positions (response tokens), J teachers, V vocabulary,
@@ -49,6 +49,10 @@ def _k3(s_b, t):
 # Both are unbiased estimates of KL(p_student ‖ p_teacher) on tokens sampled from the
 # student; k1 is negative on some tokens, k3 is >= 0 with lower variance when p_t ≈ p_s.
 KL_ESTIMATORS = {'k1': _k1, 'k3': _k3}
+# As a policy-gradient reward −kl(a), only k1 gives E_a~π[kl(a) ∇log π(a)] = ∇KL(π‖q).
+# k3(a) = q/π − log(q/π) − 1, and E_π[(q/π) ∇log π] = Σ_a q ∇log π = −∇KL(q‖π), so
+# E_π[k3 ∇log π] = ∇KL(π‖q) − ∇KL(q‖π): k3 serves metrics only (docs/design.md §3.1).
+ADVANTAGE_ESTIMATORS = ('k1',)
 
 
 def reverse_kl(s_b_BxT, t_BxT, estimator='k1', clamp=None):
@@ -86,7 +90,7 @@ def _teacher_weights(s_b_BxT, t_JxBxT, kl_coef_J, route_BxJ):
 
 
 def opd_advantage(s_b_BxT, t_JxBxT, kl_coef_J, route_BxJ, *, estimator='k1', clamp=None):
-  """Pure-OPD advantage A = −Σ_j c_j · route_ij · kl_j per token (DESIGN §3).
+  """Pure-OPD advantage A = −Σ_j c_j · route_ij · kl_j per token (docs/design.md §3.3).
 
   s_b_BxT: [B, T] behaviour logprobs; t_JxBxT: [J, B, T] teacher logprobs (any value, even NaN,
     where teacher j is not routed record i: a teacher never scores records routed away from
@@ -95,6 +99,12 @@ def opd_advantage(s_b_BxT, t_JxBxT, kl_coef_J, route_BxJ, *, estimator='k1', cla
   estimator, clamp: as in reverse_kl.
   Returns (adv_BxT [B, T] nats, kl_JxBxT [J, B, T] per-teacher estimates, 0 where unrouted).
   """
+  if estimator not in ADVANTAGE_ESTIMATORS:
+    raise ValueError(
+        f'opd_advantage: estimator {estimator!r} is not offered as an advantage (offered: '
+        f'{", ".join(ADVANTAGE_ESTIMATORS)}). k3 estimates the KL value without bias, but its '
+        'expected policy gradient is that of KL(π‖q) − KL(q‖π), not of KL(π‖q); use it for '
+        'metrics (reverse_kl)')
   weight_JxBx1, routed_JxBx1 = _teacher_weights(s_b_BxT, t_JxBxT, kl_coef_J, route_BxJ)
   kl_JxBxT = reverse_kl(s_b_BxT[None], t_JxBxT, estimator, clamp)
   # Select rather than multiply: 0 * NaN from an unscored record would poison A.

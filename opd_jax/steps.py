@@ -56,6 +56,16 @@ def advantages(s_b_BxL, t_JxBxL, r_BxL, kl_coef_J, route_BxJ, loss_mask_BxL, out
   return adv, kl1.sum(-1), routed.sum(-1)
 
 
+@jax.jit
+def k3_sum(s_b_BxL, t_JxBxL, route_BxJ, loss_mask_BxL):
+  """Σ over routed response tokens of the k3 estimate exp(t − s_b) − (t − s_b) − 1, per
+  teacher and row [J, B]: a lower-variance estimate of the KL value, for metrics only (as an
+  advantage its policy gradient is not that of the reverse KL; docs/design.md §3.1)."""
+  routed = route_BxJ.T[:, :, None] * loss_mask_BxL.astype(jnp.float32)[None]
+  k3 = losses.reverse_kl(s_b_BxL[None], t_JxBxL, 'k3')
+  return jnp.where(routed > 0, k3, 0.0).sum(-1)
+
+
 def kl_metrics(kl_sum_JxB: np.ndarray, kl_count_JxB: np.ndarray, tags: Sequence[str],
                names: Sequence[str], prefix: str = 'opd/reverse_kl') -> dict[str, float]:
   """Token-weighted mean reverse KL: overall, per teacher and per tag."""
