@@ -71,7 +71,7 @@ def base_config() -> ConfigDict:
   ))
 
   c.loss = ConfigDict(dict(
-      kl_estimator='k1',         # 'k1' | 'k3' for the OPD advantage
+      kl_estimator='k1',         # 'k1' only (k3's gradient is not the reverse KL's; logged)
       kl_clamp=placeholder(float),
       clip_eps=placeholder(float),       # PPO ε; None: plain importance sampling
       clip_eps_high=placeholder(float),
@@ -114,6 +114,7 @@ def base_config() -> ConfigDict:
       batch_size=64,
       max_new_tokens=placeholder(int),   # None: rollout.max_new_tokens
       pass_k=[],                 # e.g. [1, 4]
+      temperature=placeholder(float),    # pass@k samples; None: rollout.temperature
       reverse_kl=True,
       num_text_samples=4,
   ))

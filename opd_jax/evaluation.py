@@ -47,6 +47,7 @@ class EvalSettings:
   max_new_tokens: int = 256
   stop_ids: tuple[int, ...] = ()
   temperature: float = 1.0          # for pass@k and reverse-KL samples (greedy for accuracy)
+  pass_k_temperature: float | None = None  # pass@k samples only (None: temperature)
   pass_k: tuple[int, ...] = ()      # e.g. (1, 4): n = max(k) samples per prompt
   reverse_kl: bool = True
   num_text_samples: int = 4
@@ -106,8 +107,10 @@ def evaluate(*, step: int, key, student_params, sampler, encoder, tokenizer,
 
     if settings.pass_k:
       n = max(settings.pass_k)
-      sp = SamplingParams(max_new_tokens=settings.max_new_tokens,
-                          temperature=settings.temperature, stop_ids=settings.stop_ids)
+      temp = (settings.temperature if settings.pass_k_temperature is None
+              else settings.pass_k_temperature)
+      sp = SamplingParams(max_new_tokens=settings.max_new_tokens, temperature=temp,
+                          stop_ids=settings.stop_ids)
       per_prompt = np.zeros((len(records), n), np.float32)
       for s in range(n):
         texts_s = []

@@ -57,6 +57,8 @@ class MetricWriter:
     eta = elapsed / done * max(0, self.total_steps - step)
     parts = [f'{prefix}step {step}/{self.total_steps}', f'{_fmt_duration(elapsed)} elapsed',
              f'ETA {_fmt_duration(eta)}']
+    if values.get('compute/flops/total') is not None:
+      parts.append(f'{float(values["compute/flops/total"]):.3g} FLOPs')
     for key, label in (('loss', 'loss'), ('opd/reverse_kl', 'reverse_kl'),
                        ('reward/mean', 'reward'), ('eval/accuracy', 'acc')):
       if key in values and values[key] is not None and not math.isnan(float(values[key])):

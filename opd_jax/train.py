@@ -22,7 +22,7 @@ from flax import nnx
 
 from opd_jax import advantages as adv_lib
 from opd_jax import data as data_lib
-from opd_jax import evaluation, steps, tiny
+from opd_jax import compute, evaluation, steps, tiny
 from opd_jax import rewards as rewards_lib
 from opd_jax import sharding as shd
 from opd_jax.checkpoint import Checkpointer, PreemptionFlag
@@ -82,12 +82,55 @@ def validate(config) -> None:
     raise ConfigError('config.loss.full_vocab (top-k distillation) needs exactly one teacher')
   if not config.data.train:
     raise ConfigError('config.data.train: no training files')
+  ro = config.rollout
+  if not ro.temperature > 0:
+    raise ConfigError(f'config.rollout.temperature={ro.temperature}: must be > 0. Rollouts '
+                      'are the policy being trained, and greedy decoding (0) is a point mass '
+                      'with no defined policy gradient (evaluation is greedy on its own)')
+  if ro.top_k < 0 or not 0.0 < ro.top_p <= 1.0:
+    raise ConfigError(f'config.rollout.top_k={ro.top_k} / top_p={ro.top_p}: top_k must be >= 0 '
+                      '(0 = off) and top_p in (0, 1] (1 = off)')
+  if config.loss.kl_estimator != 'k1':
+    raise ConfigError(
+        f'config.loss.kl_estimator={config.loss.kl_estimator!r}: only k1 (s_b - t) is offered '
+        'as the OPD advantage. k3 is an unbiased estimate of the KL value, but as a reward '
+        'its policy gradient is that of KL(pi||q) - KL(q||pi), not of the reverse KL; '
+        'runs report it as the metric opd/reverse_kl_k3')
+  if config.loss.full_vocab and config.loss.full_vocab_top_k < 1:
+    raise ConfigError(f'config.loss.full_vocab_top_k={config.loss.full_vocab_top_k}: the top-k '
+                      f'distillation term needs k >= 1')
+
+
+def check_model_paths(config) -> None:
+  """Every checkpoint the run loads exists, checked before any weights load (the AOT check
+  does not call this: it compiles from architecture presets when a path is absent)."""
+  _check_model_path('config.student.model', config.student.model)
+  for name, t in config.teachers.items():
+    if not t.get('remote_url'):
+      _check_model_path(f'config.teachers.{name}.model', t.get('model'))
+  if config.gopd.enabled and config.gopd.reference != 'student_init':
+    _check_model_path('config.gopd.reference', config.gopd.reference)
+
+
+def _check_model_path(field: str, path) -> None:
+  """A checkpoint path must be a 'tiny:' spec or an existing directory (no hub downloads)."""
+  if not path:
+    raise ConfigError(f'{field}: set a checkpoint directory')
+  path = str(path)
+  if path.startswith('tiny:'):
+    return
+  if not os.path.isdir(path):
+    raise ConfigError(f'{field}={path!r}: no such checkpoint directory (expected a Hugging '
+                      'Face checkpoint folder with config.json and *.safetensors)')
 
 
 def loss_spec(config) -> LossSpec:
   """The update's static loss settings from a config (shared with opd_jax.aot)."""
-  return LossSpec(kind='nll' if config.mode == 'sft' else 'pg',
+  pg = config.mode != 'sft'
+  return LossSpec(kind='pg' if pg else 'nll',
                   temperature=config.rollout.temperature, clip_eps=config.loss.clip_eps,
+                  top_k=int(config.rollout.top_k) if pg else 0,
+                  top_p=float(config.rollout.top_p) if pg else 1.0,
                   clip_eps_high=config.loss.clip_eps_high, ratio_level=config.loss.ratio_level,
                   aggregation=config.loss.aggregation, full_vocab=config.loss.full_vocab,
                   full_vocab_coef=config.loss.full_vocab_coef, jsd_beta=config.loss.jsd_beta,
@@ -109,6 +152,7 @@ def run(config, workdir: str) -> dict:
     logging.getLogger(noisy).setLevel(logging.WARNING)
   init_distributed(config)
   validate(config)
+  check_model_paths(config)
   os.makedirs(workdir, exist_ok=True)
   pidx, pcount = jax.process_index(), jax.process_count()
   total_steps = int(config.total_steps)
@@ -132,7 +176,8 @@ def run(config, workdir: str) -> dict:
   prompt_sampler = data_lib.PromptSampler(domains, interleave=dict(config.data.interleave) or None,
                                           seed=config.seed)
   eval_records = [r for recs in data_lib.load_domains(
-      dict(config.data.eval), default_tag=config.data.default_tag).values() for r in recs]
+      dict(config.data.eval), default_tag=config.data.default_tag).values() for r in recs
+  ] if config.data.eval else []  # no held-out data: evaluation is skipped
   if config.eval.num_prompts:
     eval_records = eval_records[:config.eval.num_prompts]
   if pcount > 1 and len(eval_records) % pcount:  # every process evaluates an equal share
@@ -152,7 +197,8 @@ def run(config, workdir: str) -> dict:
   for spec in specs:
     if spec.remote_url:
       from opd_jax.remote import RemoteTeacher
-      teachers.append(RemoteTeacher(spec, student_tokenizer=tokenizer, mesh=mesh))
+      teachers.append(RemoteTeacher(spec, student_tokenizer=tokenizer, mesh=mesh, top_k=top_k,
+                                    temperature=config.rollout.temperature))
       continue
     spec.model = tiny.resolve_model(spec.model)
     data_lib.check_tokenizers_match(tokenizer, transformers.AutoTokenizer.from_pretrained(
@@ -209,6 +255,7 @@ def run(config, workdir: str) -> dict:
                              state_shardings=state_shardings)
   with jax.set_mesh(mesh):
     state = jax.jit(lambda p: make_train_state(p, tx), out_shardings=state_shardings)(params)
+  student_cfg = student.cfg
   del params, student
   cast = jax.jit(lambda p: jax.tree.map(lambda x: x.astype(config.student.compute_dtype), p),
                  out_shardings=param_shardings)
@@ -226,7 +273,8 @@ def run(config, workdir: str) -> dict:
   eval_settings = evaluation.EvalSettings(
       batch_size=config.eval.batch_size, stop_ids=stop_ids,
       max_new_tokens=config.eval.max_new_tokens or config.rollout.max_new_tokens,
-      temperature=config.rollout.temperature, pass_k=tuple(config.eval.pass_k),
+      temperature=config.rollout.temperature, pass_k_temperature=config.eval.temperature,
+      pass_k=tuple(config.eval.pass_k),
       reverse_kl=config.eval.reverse_kl, num_text_samples=config.eval.num_text_samples)
 
   def run_eval(step, params):
@@ -241,13 +289,20 @@ def run(config, workdir: str) -> dict:
   # =============================================================== checkpoint restore
   ckpt = Checkpointer(workdir, every=config.checkpoint.every, keep=config.checkpoint.keep,
                       async_save=config.checkpoint.async_save)
-  start_step = 0
+  start_step, meta = 0, {}
   if ckpt.latest_step() is not None:
     start_step = int(ckpt.latest_step())
     state, meta = ckpt.restore(start_step, state)
     prompt_sampler.restore(meta['data'])
     log.info('resumed from %s at step %d', ckpt.directory, start_step)
   writer = MetricWriter(workdir, total_steps, start_step=start_step)
+  flops = compute.FlopCounter(meta.get('flops'))  # analytic, from real token counts
+  for t in teachers:
+    if not hasattr(t, 'cfg'):
+      log.warning('teacher %r is remote: its scoring FLOPs are not counted (its architecture '
+                  'is not known here)', t.name)
+  if start_step:  # the curves so far travel with the checkpoint
+    writer.history = {k: [tuple(x) for x in v] for k, v in meta.get('history', {}).items()}
   if config.eval_at_start and start_step == 0 and eval_records:
     m = run_eval(0, state['params'])
     writer.scalars(0, m)
@@ -274,6 +329,7 @@ def run(config, workdir: str) -> dict:
         if config.sft.source == 'teacher':  # sequence-level KD: the teacher writes responses
           out = teacher_sampler(teachers[0].params, encoder.encode_batch(local),
                                 jax.random.fold_in(key, 0), teacher_sp)
+          flops.add('teacher_sampling', _rollout_flops(teachers[0].cfg, out))
           tokens, attn, lmask, _ = steps.rollout_arrays(out)
           batch = jax.device_put({'tokens': tokens, 'attention_mask': attn, 'loss_mask': lmask},
                                  shd.batch_sharding(mesh))
@@ -299,6 +355,7 @@ def run(config, workdir: str) -> dict:
         jax.block_until_ready(s_b)
         t_rollout = time.time() - t0
         gen_tokens = float(jnp.sum(rollout.mask))
+        flops.add('rollout', _rollout_flops(student_cfg, rollout))
         # ---------------------------------------------------------- teacher scoring
         t0 = time.time()
         route = route_matrix(tags, specs)
@@ -313,6 +370,12 @@ def run(config, workdir: str) -> dict:
         jax.block_until_ready(t_JxBxL)
         t_scoring = time.time() - t0
         scored = sum(t.tokens_scored for t in teachers) - scored_before
+        seq_lens = shd.to_host(jnp.sum(attn, axis=-1))
+        for j, t in enumerate(teachers):
+          if hasattr(t, 'cfg') and route[:, j].any():
+            flops.add(f'scoring/{t.name}', compute.score_flops(t.cfg, seq_lens[route[:, j] > 0]))
+        if reference is not None:
+          flops.add('reference', compute.score_flops(reference.cfg, seq_lens))
         # ---------------------------------------------------------------- rewards
         outcome = None
         if config.rl.estimator:
@@ -331,7 +394,7 @@ def run(config, workdir: str) -> dict:
         # ------------------------------------------------------------- advantages
         adv, kl_sum, kl_cnt = steps.advantages(
             s_b, t_JxBxL, r, coef_J, jnp.asarray(route), lmask, outcome, mode=adv_mode,
-            estimator=config.loss.kl_estimator, clamp=config.loss.kl_clamp,
+            clamp=config.loss.kl_clamp,
             reward_scale=config.gopd.reward_scale)
         batch = {'tokens': tokens, 'attention_mask': attn, 'loss_mask': lmask,
                  'behaviour_logprobs': s_b, 'advantages': adv}
@@ -340,6 +403,11 @@ def run(config, workdir: str) -> dict:
           batch.update(teacher_top_ids=ex['top_ids'], teacher_top_logprobs=ex['top_logprobs'])
         metrics.update(steps.kl_metrics(shd.to_host(kl_sum), shd.to_host(kl_cnt), tags,
                                         [t.name for t in teachers]))
+        if teachers:
+          k3 = steps.k3_sum(s_b, t_JxBxL, jnp.asarray(route), lmask)
+          metrics.update(steps.kl_metrics(shd.to_host(k3), shd.to_host(kl_cnt), tags,
+                                          [t.name for t in teachers],
+                                          prefix='opd/reverse_kl_k3'))
         metrics['rollout/response_len'] = gen_tokens / len(records)
         metrics['perf/tokens_per_s/rollout'] = gen_tokens / max(t_rollout, 1e-9)
         if teachers:
@@ -360,6 +428,10 @@ def run(config, workdir: str) -> dict:
             f'{ckpt.directory}')
       metrics.update({k: float(v) for k, v in upd.items()})
       metrics['perf/tokens_per_s/update'] = float(jnp.sum(batch['attention_mask'])) / t_update
+      flops.add('update', compute.update_flops(
+          student_cfg, shd.to_host(jnp.sum(batch['attention_mask'], -1)),
+          remat=bool(config.student.remat)))
+      metrics.update(flops.metrics())
       metrics['perf/step_s'] = time.time() - t_step
       # ------------------------------------------------------------ metrics, eval
       if config.eval_every and step % config.eval_every == 0 and step != total_steps:
@@ -371,7 +443,14 @@ def run(config, workdir: str) -> dict:
       stop_here = (preempt.is_set() or config.debug.stop_at_step == step
                    or ckpt.reached_preemption(step))
       if ckpt.should_save(step) or stop_here or step == total_steps:
-        ckpt.save(step, state, {'data': prompt_sampler.state(), 'step': step},
+        if step == total_steps and not stop_here and eval_records:
+          result['final'] = run_eval(total_steps, state['params'])  # saved with the run
+          writer.scalars(total_steps, result['final'])
+          writer.progress(total_steps, result['final'], prefix='eval ')
+        ckpt.save(step, state, {'data': prompt_sampler.state(), 'step': step,
+                                'history': writer.history, 'final': result.get('final'),
+                                'flops': flops.totals,
+                                'tokens_scored': {t.name: t.tokens_scored for t in teachers}},
                   force=stop_here or step == total_steps)
       result['step'] = step
       if stop_here:
@@ -381,12 +460,17 @@ def run(config, workdir: str) -> dict:
         break
 
   # ============================================================ final eval, export
-  if not result['preempted'] and start_step < total_steps:
-    if eval_records:
-      final = run_eval(total_steps, state['params'])
-      writer.scalars(total_steps, final)
-      writer.progress(total_steps, final, prefix='eval ')
-      result['final'] = final
+  if start_step >= total_steps:
+    # Already finished: report the results saved with the run (re-evaluated if it has none).
+    log.info('%s finished at step %d already; reporting its saved results', workdir, start_step)
+    result['final'] = meta.get('final')
+    if result['final'] is None and eval_records:
+      result['final'] = run_eval(start_step, state['params'])
+    if result['final']:
+      writer.progress(start_step, result['final'], prefix='eval ')
+    for t in teachers:
+      t.tokens_scored = meta.get('tokens_scored', {}).get(t.name, t.tokens_scored)
+  elif not result['preempted']:
     if config.export.hf_dir:
       out = os.path.join(workdir, config.export.hf_dir)
       model = nnx.merge(graphdef, state['params'])
@@ -399,6 +483,14 @@ def run(config, workdir: str) -> dict:
   result['history'] = writer.history
   result['tokens_scored'] = {t.name: t.tokens_scored for t in teachers}
   return result
+
+
+def _rollout_flops(cfg, rollout) -> int:
+  """Analytic FLOPs of a rollout's real rows (prefill + one decode step per token)."""
+  prompt = shd.to_host(jnp.sum(rollout.prompt_mask, -1))
+  response = shd.to_host(jnp.sum(rollout.mask, -1))
+  real = response > 0  # rows padded up to a batch bucket sample nothing
+  return compute.rollout_flops(cfg, prompt[real], response[real])
 
 
 def main(argv=None):

@@ -153,9 +153,13 @@ def test_server_matches_in_process_scoring_both_protocols(server, tokenizer, mes
                                  want['logprobs'][:3] * [[1], [0], [1]], atol=1e-5, rtol=0)
 
 
-def test_trainer_with_remote_teacher_matches_in_process(server, tmp_path):
+@pytest.mark.parametrize('temperature, top_k', [(1.0, 0), (0.7, 5)])
+def test_trainer_with_remote_teacher_matches_in_process(server, tmp_path, temperature, top_k):
+  # The remote teacher scores at the rollout temperature, as the in-process one does (it
+  # used to be built without it, so at T != 1 the two gave different training signals).
   # Stopping "as if preempted" at the last step skips the final eval and export (time).
-  common = dict(total_steps=3, debug__stop_at_step=3, checkpoint__every=100)
+  common = dict(total_steps=3, debug__stop_at_step=3, checkpoint__every=100,
+                rollout__temperature=temperature, rollout__top_k=top_k)
   local_cfg = with_overrides(load_config('opd_single_teacher', 'runlocal'), **common)
   remote_cfg = with_overrides(load_config('opd_remote_teacher', 'runlocal'),
                               teachers__teacher__remote_url=server.url, **common)

@@ -151,8 +151,8 @@ def test_resume_is_exact(tmp_path):
   assert second['step'] == 4
   for key in ('loss', 'opd/reverse_kl', 'grad_norm', 'rollout/response_len'):
     a, b = _history(straight, key), _history(second, key)
-    assert set(b) == {3, 4}
-    for step in (3, 4):
+    assert set(b) == {1, 2, 3, 4}  # steps 1-2 travel with the checkpoint
+    for step in (1, 2, 3, 4):
       assert a[step] == pytest.approx(b[step], rel=1e-6, abs=1e-7), (key, step)
 
 
@@ -218,6 +218,64 @@ def test_config_errors_name_the_field(tmp_path):
     run(config, str(tmp_path / 'b'))
 
 
+def test_config_errors_before_any_model_loads(tmp_path):
+  missing = str(tmp_path / 'no_such_model')
+  cases = [
+      (dict(student__model=missing), r"config.student.model='.*no_such_model': no such "
+                                     r'checkpoint directory'),
+      (dict(teachers__teacher__model=missing), r'config.teachers.teacher.model=.*no such'),
+      (dict(rollout__temperature=0.0), r'config.rollout.temperature=0.0: must be > 0'),
+      (dict(rollout__top_p=0.0), r'config.rollout.top_k=0 / top_p=0.0'),
+      (dict(loss__kl_estimator='k3'), r"config.loss.kl_estimator='k3': only k1"),
+  ]
+  for overrides, pattern in cases:
+    config = with_overrides(load_config('opd_single_teacher', 'runlocal'), **overrides)
+    with pytest.raises(ConfigError, match=pattern):
+      run(config, str(tmp_path / 'w'))
+
+
+def test_no_held_out_data_skips_evaluation(tmp_path):
+  config = with_overrides(load_config('opd_single_teacher', 'runlocal'), total_steps=1,
+                          eval_at_start=True, export__hf_dir='')
+  config.unlock()
+  config.data.eval = {}
+  config.lock()
+  result = run(config, str(tmp_path))
+  assert result['step'] == 1 and 'final' not in result
+  assert not any(k.startswith('eval/') for k in result['history'])
+
+
+def test_truncated_sampling_trains_on_policy(tmp_path):
+  # The review's command: top-k 5 with PPO clipping gave ratio 0.068, clip 1.0, grad 0.0.
+  config = with_overrides(load_config('opd_single_teacher', 'runlocal'), total_steps=1,
+                          rollout__top_k=5, rollout__top_p=0.7, rollout__temperature=0.7,
+                          loss__clip_eps=0.2, eval__num_prompts=0, export__hf_dir='')
+  h = run(config, str(tmp_path))['history']
+  for key in ('is/ratio_mean', 'is/ratio_min', 'is/ratio_max'):
+    assert h[key][0][1] == pytest.approx(1.0, abs=1e-5), key
+  assert h['is/clip_frac'][0][1] == 0.0 and h['grad_norm'][0][1] > 0
+
+
+def test_finished_run_reports_its_saved_results_and_flops(tmp_path):
+  config = with_overrides(load_config('opd_single_teacher', 'runlocal'), total_steps=2,
+                          eval__num_prompts=4, export__hf_dir='')
+  first = run(config, str(tmp_path))
+  assert first['final']['eval/accuracy'] is not None
+  h = first['history']
+  phases = [k for k in h if k.startswith('compute/flops/') and k != 'compute/flops/total']
+  assert sorted(phases) == ['compute/flops/rollout', 'compute/flops/scoring/teacher',
+                            'compute/flops/update']
+  for step in (0, 1):  # cumulative, and the total is the sum of the phases
+    assert h['compute/flops/total'][step][1] == pytest.approx(
+        sum(h[k][step][1] for k in phases), rel=1e-12)
+  assert h['compute/flops/total'][1][1] > h['compute/flops/total'][0][1] > 0
+  again = run(with_overrides(load_config('opd_single_teacher', 'runlocal'), total_steps=2,
+                             eval__num_prompts=4, export__hf_dir=''), str(tmp_path))
+  assert again['step'] == 2 and again['final'] == first['final']
+  assert again['history'] == {k: [tuple(x) for x in v] for k, v in first['history'].items()}
+  assert again['tokens_scored'] == first['tokens_scored']
+
+
 def test_shrunk_demo_reverse_kl_falls(tmp_path):
   from opd_jax.demo import run_demo
   out = run_demo(str(tmp_path), tiny=True, stages=('teacher', 'student', 'opd'))
@@ -226,3 +284,7 @@ def test_shrunk_demo_reverse_kl_falls(tmp_path):
   assert kl[0][0] == 0 and kl[-1][0] == 30
   assert kl[-1][1] < 0.9 * kl[0][1]
   assert os.path.exists(tmp_path / 'results.md') and os.path.exists(tmp_path / 'demo_curves.png')
+  # The same command again finds every stage finished and reports the same table (it used
+  # to print a table of dashes: nothing was evaluated on resume).
+  again = run_demo(str(tmp_path), tiny=True, stages=('teacher', 'student', 'opd'))
+  assert again['rows'] == out['rows'] and '—' not in again['table'].split('\n', 3)[3]
