@@ -75,6 +75,107 @@ class LossSpec:
   compute_dtype: str = 'float32'
 
 
+# ------------------------------------------------------------------------- the batch
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class UpdateBatch:
+  """One update's input: whole sequences (prompt + response), [B, T] per position.
+
+  tokens, attention_mask: the sequences and their real-token mask; loss_mask: 1 on response
+  tokens. For the 'pg' loss, behaviour_logprobs (s_b) and advantages (A), aligned to the
+  positions they score (0 elsewhere); for a top-k distillation term, teacher_top_ids /
+  teacher_top_logprobs [B, T, K]. Unused fields are None (a different pytree: another
+  compile, never a silent default)."""
+  tokens: Any
+  attention_mask: Any
+  loss_mask: Any
+  behaviour_logprobs: Any = None
+  advantages: Any = None
+  teacher_top_ids: Any = None
+  teacher_top_logprobs: Any = None
+
+  @classmethod
+  def of(cls, batch) -> 'UpdateBatch':
+    """An UpdateBatch from itself or from a mapping with the same field names."""
+    if isinstance(batch, cls):
+      return batch
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(batch) - names
+    if unknown:
+      raise ValueError(f'update batch: unknown fields {sorted(unknown)}; expected {sorted(names)}')
+    return cls(**batch)
+
+  def check(self, spec: 'LossSpec') -> None:
+    need = []
+    if spec.kind == 'pg':
+      need += ['behaviour_logprobs', 'advantages']
+      if spec.full_vocab:
+        need += ['teacher_top_ids', 'teacher_top_logprobs']
+    missing = [n for n in need if getattr(self, n) is None]
+    if missing:
+      raise ValueError(f'update batch for the {spec.kind!r} loss lacks {missing}')
+
+
+# ---------------------------------------------------------------- metric accumulators
+# Per-micro-batch statistics say how they combine: summed, averaged by a count, or the
+# max / min. `merge` is associative, so the accumulation over micro-batches is exact.
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Mean:
+  total: Any
+  count: Any
+
+  def merge(self, other):
+    return Mean(self.total + other.total, self.count + other.count)
+
+  def result(self):
+    return self.total / jnp.maximum(self.count, 1.0)
+
+  def identity(self):
+    return Mean(jnp.zeros_like(self.total), jnp.zeros_like(self.count))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Max:
+  value: Any
+
+  def merge(self, other):
+    return Max(jnp.maximum(self.value, other.value))
+
+  def result(self):
+    return self.value
+
+  def identity(self):
+    return Max(jnp.full_like(self.value, -jnp.inf))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Min:
+  value: Any
+
+  def merge(self, other):
+    return Min(jnp.minimum(self.value, other.value))
+
+  def result(self):
+    return self.value
+
+  def identity(self):
+    return Min(jnp.full_like(self.value, jnp.inf))
+
+
+_METRICS = (Mean, Max, Min)
+
+
+def _is_metric(x):
+  return isinstance(x, _METRICS)
+
+
+def merge_metrics(a: dict, b: dict) -> dict:
+  return {k: a[k].merge(b[k]) for k in a}
+
+
 def _cast(params, dtype):
   if dtype == 'float32':
     return params
@@ -101,16 +202,16 @@ def _position_terms(logp_BxCxV, ex, *, spec: LossSpec):
   return out
 
 
-def _loss_terms(params, graphdef, batch, spec: LossSpec):
-  """(sum, stats) of the loss on one (micro-)batch; the caller divides by the global count."""
+def _loss_terms(params, graphdef, batch: UpdateBatch, spec: LossSpec):
+  """(sum, metrics) of the loss on one (micro-)batch; the caller divides the sum by the
+  global count. Metrics are Mean / Max / Min accumulators named as they are logged."""
   model = nnx.merge(graphdef, _cast(params, spec.compute_dtype))
-  tokens, attn = batch['tokens'], batch['attention_mask']
-  lmask = batch['loss_mask']
+  tokens, attn, lmask = batch.tokens, batch.attention_mask, batch.loss_mask
   hidden, _ = model.hidden(tokens, attn, remat=spec.remat)
   extras = {'target': tokens[:, 1:].astype(jnp.int32)}
   if spec.full_vocab:
-    extras.update(teacher_top_ids=batch['teacher_top_ids'][:, 1:],
-                  teacher_top_logprobs=batch['teacher_top_logprobs'][:, 1:])
+    extras.update(teacher_top_ids=batch.teacher_top_ids[:, 1:],
+                  teacher_top_logprobs=batch.teacher_top_logprobs[:, 1:])
   # hidden[t - 1] predicts tokens[t]: shift, then pad position 0 (never a loss position).
   out = map_vocab_chunks(hidden[:, :-1], model.unembed_weight(),
                          functools.partial(_position_terms, spec=spec), extras,
@@ -119,24 +220,26 @@ def _loss_terms(params, graphdef, batch, spec: LossSpec):
   out = {k: jnp.pad(v, ((0, 0), (1, 0))) for k, v in out.items()}
   s = out['logprobs']
   m = lmask.astype(jnp.float32)
-  stats = {'entropy_sum': jnp.sum(out['entropy'] * m)}
+  n = jnp.sum(m)
+
+  def mean(x):  # a token mean over the whole batch, accumulated as (sum, count)
+    return Mean(jnp.sum(x * m), n)
+  stats = {'policy/entropy': mean(out['entropy'])}
   if spec.kind == 'nll':
     per_token = jnp.where(m > 0, -s, 0.0)
   else:
     per_token, is_stats = losses.policy_loss(
-        s, batch['behaviour_logprobs'], batch['advantages'], lmask, clip_eps=spec.clip_eps,
+        s, batch.behaviour_logprobs, batch.advantages, lmask, clip_eps=spec.clip_eps,
         clip_eps_high=spec.clip_eps_high, ratio_level=spec.ratio_level)
     ratio = jax.lax.stop_gradient(is_stats['ratio_BxT'])
-    stats.update(ratio_sum=jnp.sum(ratio * m),
-                 ratio_max=jnp.max(jnp.where(m > 0, ratio, -jnp.inf)),
-                 ratio_min=jnp.min(jnp.where(m > 0, ratio, jnp.inf)),
-                 clipped=jnp.sum(is_stats['clipped_BxT'] * m))
+    stats.update({'is/ratio_mean': mean(ratio),
+                  'is/ratio_max': Max(jnp.max(jnp.where(m > 0, ratio, -jnp.inf))),
+                  'is/ratio_min': Min(jnp.min(jnp.where(m > 0, ratio, jnp.inf))),
+                  'is/clip_frac': mean(is_stats['clipped_BxT'])})
     if spec.full_vocab:
       gkd = jnp.where(m > 0, out['gkd'], 0.0)
       per_token = per_token + spec.full_vocab_coef * gkd
-      stats['gkd_sum'] = jnp.sum(jax.lax.stop_gradient(gkd))
-  if 'token_weights' in batch:  # e.g. truncated IS weights
-    per_token = per_token * jax.lax.stop_gradient(batch['token_weights'])
+      stats['loss/full_vocab'] = mean(jax.lax.stop_gradient(gkd))
   total, _ = losses.aggregate(per_token, lmask, spec.aggregation)
   return total, stats
 
@@ -158,12 +261,12 @@ def make_update_fn(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, sch
   behaviour_logprobs and advantages (plus teacher_top_ids / teacher_top_logprobs [B, L, K]
   for a full-vocabulary term). B must be divisible by `micro_batches`.
   """
-  def update(state, batch):
-    b = batch['tokens'].shape[0]
+  def update(state, batch: UpdateBatch):
+    b = batch.tokens.shape[0]
     if b % micro_batches:
       raise ValueError(f'update batch of {b} rows is not divisible by micro_batches='
                        f'{micro_batches}')
-    _, count = losses.aggregate(jnp.zeros(batch['loss_mask'].shape), batch['loss_mask'],
+    _, count = losses.aggregate(jnp.zeros(batch.loss_mask.shape), batch.loss_mask,
                                 spec.aggregation)
     count = jnp.maximum(count, 1.0)
     value_and_grad = jax.value_and_grad(lambda p, mb: _loss_terms(p, graphdef, mb, spec),
@@ -173,8 +276,7 @@ def make_update_fn(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, sch
       grads, loss_sum, stats = carry
       (lv, st), g = value_and_grad(state['params'], mb)
       grads = jax.tree.map(jnp.add, grads, g)
-      stats = _merge_stats(stats, st)
-      return (grads, loss_sum + lv, stats), None
+      return (grads, loss_sum + lv, merge_metrics(stats, st)), None
 
     # Micro-batch m takes rows m, M + m, 2M + m, ...: the batch's row sharding stays on the
     # rows of every micro-batch (a contiguous split would hand whole micro-batches to single
@@ -182,46 +284,46 @@ def make_update_fn(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, sch
     split = split_rows(batch, micro_batches)
     zeros = jax.tree.map(jnp.zeros_like, state['params'])
     first = jax.tree.map(lambda x: x[0], split)
-    stats0 = jax.tree.map(jnp.zeros_like, jax.eval_shape(
-        lambda: _loss_terms(state['params'], graphdef, first, spec)[1]))
-    stats0 = {k: (jnp.full_like(v, -jnp.inf) if k == 'ratio_max' else
-                  jnp.full_like(v, jnp.inf) if k == 'ratio_min' else v)
-              for k, v in stats0.items()}
+    stats0 = jax.eval_shape(lambda: _loss_terms(state['params'], graphdef, first, spec)[1])
+    stats0 = {k: jax.tree.map(jnp.zeros_like, v).identity() for k, v in stats0.items()}
     (grads, loss_sum, stats), _ = jax.lax.scan(micro, (zeros, jnp.zeros(()), stats0), split)
     grads = jax.tree.map(lambda g: g / count, grads)
     updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
     params = optax.apply_updates(state['params'], updates)
     new_state = {'params': params, 'opt_state': opt_state, 'step': state['step'] + 1}
-
-    n_tokens = jnp.maximum(jnp.sum(batch['loss_mask']), 1.0)
     metrics = {'loss': loss_sum / count, 'grad_norm': optax.tree.norm(grads),
-               'lr': schedule(state['step']), 'policy/entropy': stats['entropy_sum'] / n_tokens}
-    if 'ratio_sum' in stats:
-      metrics.update({'is/ratio_mean': stats['ratio_sum'] / n_tokens,
-                      'is/ratio_max': stats['ratio_max'], 'is/ratio_min': stats['ratio_min'],
-                      'is/clip_frac': stats['clipped'] / n_tokens})
-    if 'gkd_sum' in stats:
-      metrics['loss/full_vocab'] = stats['gkd_sum'] / n_tokens
+               'lr': schedule(state['step'])}
+    metrics.update({k: v.result() for k, v in stats.items()})
     return new_state, metrics
 
   if state_shardings is None:
-    return jax.jit(update, donate_argnums=(0,))
-  mesh = jax.tree.leaves(state_shardings)[0].mesh
+    jitted = jax.jit(update, donate_argnums=(0,))
+  else:
+    mesh = jax.tree.leaves(state_shardings)[0].mesh
 
-  def update_on_mesh(state, batch):
-    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-      return update(state, batch)
-  return jax.jit(update_on_mesh, donate_argnums=(0,), in_shardings=(state_shardings, None),
-                 out_shardings=(state_shardings, NamedSharding(mesh, P())))
+    def update_on_mesh(state, batch):
+      with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+        return update(state, batch)
+    jitted = jax.jit(update_on_mesh, donate_argnums=(0,), in_shardings=(state_shardings, None),
+                     out_shardings=(state_shardings, NamedSharding(mesh, P())))
+
+  return _UpdateFn(jitted, spec)
 
 
-def _merge_stats(a, b):
-  out = {}
-  for k in a:
-    if k == 'ratio_max':
-      out[k] = jnp.maximum(a[k], b[k])
-    elif k == 'ratio_min':
-      out[k] = jnp.minimum(a[k], b[k])
-    else:
-      out[k] = a[k] + b[k]
-  return out
+class _UpdateFn:
+  """The jitted update, called (or lowered, for the AOT check) with an UpdateBatch or a
+  mapping of its fields, which is checked against the loss first."""
+
+  def __init__(self, jitted, spec: LossSpec):
+    self.jitted, self.spec = jitted, spec
+
+  def _batch(self, batch) -> UpdateBatch:
+    batch = UpdateBatch.of(batch)
+    batch.check(self.spec)
+    return batch
+
+  def __call__(self, state, batch):
+    return self.jitted(state, self._batch(batch))
+
+  def lower(self, state, batch):
+    return self.jitted.lower(state, self._batch(batch))

@@ -26,7 +26,7 @@ from opd_jax.models import load_pretrained
 from opd_jax.sampling import Sampler, SamplingParams
 from opd_jax.scoring import make_score_fn
 from opd_jax.tiny import make_tiny_checkpoint
-from opd_jax.update import LossSpec, _loss_terms, make_update_fn
+from opd_jax.update import LossSpec, UpdateBatch, _loss_terms, make_update_fn
 
 GRID = [(0, 1.0), (5, 1.0), (0, 0.7), (5, 0.7)]
 
@@ -102,8 +102,7 @@ def _opd_batch(student, teacher, sampler, key, rows, sp):
   t = _teacher_score(teacher[0], sp.temperature)(teacher[1], tokens, attn)['logprobs']
   adv, _, _ = steps.advantages(s_b, t[None], None, jnp.ones((1,)), jnp.ones((rows, 1)), lmask,
                                None, mode='opd')
-  return {'tokens': tokens, 'attention_mask': attn, 'loss_mask': lmask,
-          'behaviour_logprobs': s_b, 'advantages': adv}
+  return UpdateBatch(tokens, attn, lmask, behaviour_logprobs=s_b, advantages=adv)
 
 
 @functools.lru_cache(maxsize=None)
@@ -184,7 +183,7 @@ def test_monte_carlo_update_direction_converges_to_the_stated_objective(
   @functools.partial(jax.jit, static_argnums=2)
   def grad_fn(params, batch, loss_spec):  # the token-mean loss of the update over one batch
     g = jax.grad(lambda p: _loss_terms(p, student[0], batch, loss_spec)[0])(params)
-    return jax.tree.map(lambda x: x / jnp.sum(batch['loss_mask']), g)
+    return jax.tree.map(lambda x: x / jnp.sum(batch.loss_mask), g)
 
   per_batch, per_batch_old = [], []
   for i in range(n_batches):
