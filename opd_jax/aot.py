@@ -55,16 +55,12 @@ from flax import nnx
 from jax._src import xla_bridge  # backends_are_initialized(): no public equivalent
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from opd_jax import builder
 from opd_jax import sharding as shd
-from opd_jax import tiny
-from opd_jax.models import Decoder, read_hf_config
-from opd_jax.models.presets import PRESETS, preset_config, preset_name
-from opd_jax.sampling import DEFAULT_PROMPT_BUCKETS, Sampler, SamplingParams, batch_bucket
+from opd_jax.builder import ConfigError, ModelSource
+from opd_jax.sampling import DEFAULT_PROMPT_BUCKETS, SamplingParams, batch_bucket
 from opd_jax.sampling import bucket as prompt_bucket
-from opd_jax.scoring import make_score_fn
-from opd_jax.teachers import TeacherSpec
-from opd_jax.train import ConfigError, loss_spec, rollout_params, validate
-from opd_jax.update import make_optimizer, make_train_state, make_update_fn
+from opd_jax.teachers import LocalTeacher
 
 GiB = 2**30
 
@@ -79,7 +75,7 @@ _THREE_D = ('v4', 'v5p')
 _REEXEC_ENV = 'OPD_JAX_AOT_CHILD'
 
 
-class AotError(ValueError):
+class AotError(ConfigError):
   """A target or recipe that cannot be compiled; the message names what is wrong."""
 
 
@@ -183,39 +179,13 @@ def cpu_target(n: int, topo: Topology | None) -> Target:
 
 
 # ------------------------------------------------------------------------------- models
-@dataclasses.dataclass
-class ModelSource:
-  cfg: Any                  # ModelConfig
-  hf: dict
-  where: str                # how the architecture was found, for the report
-
-
 def model_source(spec: str | None, field: str) -> ModelSource:
-  """The architecture of a config's model entry: directory, `tiny:` spec, or preset."""
-  if not spec:
-    raise AotError(f'{field}: no model set')
-  path = tiny.resolve_model(spec)
-  if os.path.isdir(path):
-    cfg, hf = read_hf_config(path)
-    return ModelSource(cfg, hf, spec if spec == path else f'{spec} -> {path}')
-  name = preset_name(path)
-  if name is None:
-    raise AotError(f'{field}={spec!r}: no such directory here and its basename names no '
-                   f'architecture preset (known: {", ".join(PRESETS)}); pass a directory '
-                   f'with a config.json, e.g. --{field}=/path/to/model')
-  cfg, hf = preset_config(name)
-  return ModelSource(cfg, hf, f'{spec} (not here: compiled from the {name} preset, '
-                              f'{cfg.num_params / 1e9:.2f}B params)')
-
-
-def _abstract_params(src: ModelSource, dtype, mesh, rules):
-  """(graphdef, params as ShapeDtypeStructs carrying their NamedShardings)."""
-  model = nnx.eval_shape(lambda: Decoder(src.cfg, dtype=dtype, rngs=nnx.Rngs(0),
-                                         hf_config=src.hf))
-  graphdef, state = nnx.split(model)
-  shardings = shd.param_shardings(state, mesh, rules)
-  return graphdef, jax.tree.map(
-      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
+  """The architecture of a config's model entry: directory, `tiny:` spec, or preset
+  (builder.model_source, with the AOT check's error type)."""
+  try:
+    return builder.model_source(spec, field)
+  except ConfigError as e:
+    raise AotError(str(e)) from None
 
 
 def _sds(shape, dtype, sharding):
@@ -291,81 +261,41 @@ def _memory(compiled) -> tuple[int, int, int, int]:
           int(ma.alias_size_in_bytes), int(ma.temp_size_in_bytes))
 
 
-def teacher_mesh(spec, student_mesh, devices):
-  """The mesh an in-process teacher runs on (as opd_jax.teachers.LocalTeacher picks it)."""
-  if spec.devices:
-    return shd.make_mesh(spec.mesh or {'fsdp': -1}, devices=shd.parse_devices(spec.devices,
-                                                                               devices))
-  if spec.mesh:
-    return shd.make_mesh(spec.mesh, devices=devices)
-  return student_mesh
-
-
 @dataclasses.dataclass
-class _Model:
-  """One model of the step, abstract: its architecture, graphdef, sharded params, mesh."""
-  name: str
-  cfg: Any
-  graphdef: Any
-  params: Any
-  mesh: Any
-  dtype: Any
+class _Check:
+  """One AOT check in progress: the run, its target, and the reports so far."""
+  run: Any                     # builder.Run, abstract
+  target: Any
+  log: Any
+  reports: list = dataclasses.field(default_factory=list)
+  long_lived: dict = dataclasses.field(default_factory=dict)  # name -> pytree kept in HBM
+
+  @property
+  def tpu(self) -> bool:
+    return self.target.kind == 'tpu-topology'
+
+  def compile(self, name, fn, args, kwargs, mesh, shapes, args_of: set[str]):
+    """Compiles `fn` and records its memory next to the long-lived buffers it does not take
+    on its devices; returns the compiled function or None."""
+    compiled, oom = _compile(name, fn, args, kwargs, mesh=mesh, tpu=self.tpu, log=self.log)
+    a, o, al, t = _memory(compiled) if compiled is not None else (0, 0, 0, 0)
+    fn_devices = set(mesh.devices.flat)
+    per_dev: dict[Any, int] = {}
+    for lname, tree in self.long_lived.items():
+      if lname not in args_of:
+        for d, nbytes in _bytes_by_device(tree).items():
+          if d in fn_devices:
+            per_dev[d] = per_dev.get(d, 0) + nbytes
+    self.reports.append(FunctionReport(name, shapes, a, o, al, t,
+                                       max(per_dev.values(), default=0), oom,
+                                       compiled is not None))
+    return compiled
 
 
-def _model(name, src: ModelSource, dtype, mesh, rules) -> _Model:
-  graphdef, params = _abstract_params(src, dtype, mesh, rules)
-  return _Model(name, src.cfg, graphdef, params, mesh, dtype)
-
-
-def check_config(config, target: Target, *, log=print) -> dict:
-  """Compiles one training step of `config` for `target`; returns the report dict."""
-  validate(config)
-  tpu = target.kind == 'tpu-topology'
-  mesh = shd.make_mesh(dict(config.mesh), devices=target.devices)
-  dp = shd.batch_size_multiple(mesh)
-  notes: list[str] = []
-
-  # ---------------------------------------------------------------- models (no weights)
-  src = model_source(config.student.model, 'config.student.model')
-  student = _model('student', src, jnp.float32, mesh, config.student.sharding)
-  models = {'student': src.where}
-  compute = jnp.dtype(config.student.compute_dtype)
-  # The rollout samples with parameters cast to the compute dtype (train.py's `cast`).
-  cast_params = jax.tree.map(lambda x: _sds(x.shape, compute if jnp.issubdtype(
-      x.dtype, jnp.floating) else x.dtype, x.sharding), student.params)
-  eos = src.hf.get('eos_token_id')
-  stop_ids = tuple(sorted({int(i) for i in np.atleast_1d(eos if eos is not None else [])}))
-  pad_id = int(src.hf.get('pad_token_id') or 0)
-
-  specs = [TeacherSpec.from_config(n, t) for n, t in config.teachers.items()]
-  frozen: list[_Model] = []   # in-process teachers, then the G-OPD reference
-  for spec in specs:
-    if spec.remote_url:
-      notes.append(f'teacher {spec.name!r} is remote ({spec.remote_url}): not compiled here')
-      continue
-    t_src = model_source(spec.model, f'config.teachers.{spec.name}.model')
-    if t_src.cfg.vocab_size != src.cfg.vocab_size:
-      notes.append(f'teacher {spec.name!r} has vocab_size {t_src.cfg.vocab_size}, the '
-                   f'student {src.cfg.vocab_size} (the trainer checks the tokenizers match)')
-    frozen.append(_model(spec.name, t_src, jnp.dtype(spec.dtype),
-                         teacher_mesh(spec, mesh, target.devices), spec.sharding))
-    models[f'teacher {spec.name}'] = f'{t_src.where}, {spec.dtype}, {spec.sharding} rules' + (
-        f', devices {spec.devices}' if spec.devices else '')
-  if config.gopd.enabled:
-    ref = config.gopd.reference
-    r_src = src if ref == 'student_init' else model_source(ref, 'config.gopd.reference')
-    frozen.append(_model('reference', r_src, jnp.float32, mesh, config.student.sharding))
-    models['reference'] = r_src.where
-
-  # ------------------------------------------------------------------------ batch shapes
-  mini = int(config.batch.mini_batches)
-  micro = int(config.batch.micro_batches)
-  rows = (config.sft.batch_size if config.mode == 'sft'
-          else config.rollout.prompts_per_step * config.rollout.n_samples)
-  if rows % (mini * micro * dp):
-    raise ConfigError(f'the batch of {rows} rows is not divisible by batch.mini_batches x '
-                      f'batch.micro_batches x the data-parallel extent ({mini} x {micro} x '
-                      f'{dp})')
+def _shapes(config, r) -> tuple[int, int, int, list[str]]:
+  """(rows, prompt slots P, sequence length T, notes) of one step's batch."""
+  notes = []
+  rows = builder.batch_rows(config)
   p_len = prompt_bucket(config.data.max_prompt_len, DEFAULT_PROMPT_BUCKETS)
   n_new = int(config.rollout.max_new_tokens)
   seq = p_len + n_new
@@ -373,126 +303,114 @@ def check_config(config, target: Target, *, log=print) -> dict:
     seq = p_len + prompt_bucket(n_new, DEFAULT_PROMPT_BUCKETS)
     notes.append(f'SFT on dataset responses: L = {p_len} + {seq - p_len} assumes responses '
                  f'of at most rollout.max_new_tokens tokens (bucketed)')
-  if compute != jnp.float32:
-    notes.append(f'rollout KV cache in {compute.name} (config.student.compute_dtype)')
+  if r.compute_dtype != jnp.float32:
+    notes.append(f'rollout KV cache in {r.compute_dtype.name} (config.student.compute_dtype)')
+  return rows, p_len, seq, notes
 
-  # --------------------------------------------------------------------------- compile
-  reports: list[FunctionReport] = []
-  long_lived: dict[str, Any] = {}   # name -> pytree that stays in HBM across the step
 
-  def add(name, result, shapes, args_of: set[str], fn_mesh):
-    compiled, oom = result
-    a, o, al, t = _memory(compiled) if compiled is not None else (0, 0, 0, 0)
-    fn_devices = set(fn_mesh.devices.flat)
-    per_dev: dict[Any, int] = {}
-    for lname, tree in long_lived.items():
-      if lname not in args_of:
-        for d, nbytes in _bytes_by_device(tree).items():
-          if d in fn_devices:
-            per_dev[d] = per_dev.get(d, 0) + nbytes
-    reports.append(FunctionReport(name, shapes, a, o, al, t, max(per_dev.values(), default=0),
-                                  oom, compiled is not None))
+def _frozen(r) -> list:
+  """The in-process teachers, then the G-OPD reference: the frozen models compiled here."""
+  return [t for t in r.teachers if isinstance(t, LocalTeacher)] + (
+      [r.reference] if r.reference is not None else [])
 
-  # The train state laid out as the trainer pins it (optimizer moments follow their params).
-  tx, schedule = make_optimizer(config.optim, int(config.total_steps) * mini)
-  state_shape = jax.eval_shape(lambda p: make_train_state(p, tx), student.params)
-  state_shardings = shd.match_shardings(state_shape, student.params, mesh)
-  state = jax.tree.map(lambda x, sh: _sds(x.shape, x.dtype, sh), state_shape, state_shardings)
-  long_lived['state'] = state
-  long_lived.update({m.name: m.params for m in frozen})
 
-  def rollout(prefix, m: _Model, params, b, sp, args_of, cache_dtype):
-    """Compiles the Sampler's prefill and decode for b rows; returns the row bucket."""
-    bb = batch_bucket(b, shd.batch_size_multiple(m.mesh))
-    # As train.py builds it: the KV cache in the student's compute dtype.
-    sampler = Sampler(m.graphdef, mesh=m.mesh, pad_id=pad_id, cache_dtype=cache_dtype)
-    ids = _sds((bb, p_len), jnp.int32, shd.batch_sharding(m.mesh, 2))
-    shapes = f'B={bb} P={p_len} N={sp.max_new_tokens}'
-    pre = _compile(f'{prefix}/prefill', sampler._prefill, (params, ids, ids),
-                   dict(max_new_tokens=sp.max_new_tokens, cache_dtype=cache_dtype),
-                   mesh=m.mesh, tpu=tpu, log=log)
-    add(f'{prefix}/prefill', pre, shapes, args_of, m.mesh)
-    if pre[0] is not None:
-      cache, logits = _strip(pre[0].out_info)
-    else:  # the prefill does not compile; the decode still can, on the sampler's layout
-      kv_axis = 'tensor' if m.cfg.num_kv_heads % m.mesh.shape['tensor'] == 0 else None
-      kv = _sds((bb, p_len + sp.max_new_tokens, m.cfg.num_kv_heads, m.cfg.head_dim),
-                cache_dtype, NamedSharding(m.mesh, P(shd.BATCH_AXES, None, kv_axis, None)))
-      cache = {'k': [kv] * m.cfg.num_layers, 'v': [kv] * m.cfg.num_layers}
-      logits = _sds((bb, m.cfg.vocab_size), jnp.float32, shd.batch_sharding(m.mesh, 2))
-    key = jax.eval_shape(lambda: jax.random.key(0))
-    key = _sds(key.shape, key.dtype, shd.replicated(m.mesh))
-    done = _sds((bb,), jnp.bool_, shd.batch_sharding(m.mesh, 1))
-    dec = _compile(f'{prefix}/decode', sampler._decode, (params, cache, logits, ids, done, key),
-                   dict(sp=sp, pad_id=pad_id), mesh=m.mesh, tpu=tpu, log=log)
-    add(f'{prefix}/decode', dec, shapes, args_of, m.mesh)
-    return bb
-
-  # rollout: the student's own samples (OPD), or the teacher's (SFT source='teacher')
-  train_rollout = None
-  if config.mode == 'opd':
-    sp = rollout_params(config, stop_ids)
-    train_rollout = (rollout('rollout', student, cast_params, rows, sp, set(), compute),
-                     sp.max_new_tokens)
-  elif config.sft.source == 'teacher':
-    if not frozen or specs[0].remote_url:
-      raise ConfigError("config.sft.source='teacher' needs an in-process teacher")
-    sp = SamplingParams(max_new_tokens=n_new, temperature=config.sft.temperature,
-                        stop_ids=stop_ids)
-    rollout(f'rollout/{frozen[0].name}', frozen[0], frozen[0].params, rows, sp,
-            {frozen[0].name}, frozen[0].dtype)
-  if config.data.eval:  # the eval rollout, unless training's rollout dominates its shapes
-    eval_rows = min(int(config.eval.batch_size),
-                    int(config.eval.num_prompts or config.eval.batch_size))
-    eval_new = int(config.eval.max_new_tokens or n_new)
-    if (train_rollout is None or batch_bucket(eval_rows, dp) > train_rollout[0]
-        or eval_new > train_rollout[1]):
-      rollout('eval', student, cast_params, eval_rows,
-              SamplingParams(max_new_tokens=eval_new, temperature=0.0, stop_ids=stop_ids),
-              set(), compute)
-
-  # teacher scoring: every row routed to every teacher (the worst case)
-  top_k = int(config.loss.full_vocab_top_k) if config.loss.full_vocab else 0
-  if config.mode == 'opd':
-    for m in frozen:
-      k = top_k if m.name != 'reference' else 0
-      tb = batch_bucket(rows, shd.batch_size_multiple(m.mesh))
-      tok = _sds((tb, seq), jnp.int32, shd.batch_sharding(m.mesh, 2))
-      score = make_score_fn(m.graphdef, top_k=k, temperature=config.rollout.temperature,
-                            micro_batches=int(config.batch.micro_batches))
-      c = _compile(f'score/{m.name}', score, (m.params, tok, tok), {}, mesh=m.mesh, tpu=tpu,
-                   log=log)
-      add(f'score/{m.name}', c, f'B={tb} L={seq}' + (f' top_k={k}' if k else ''), {m.name},
-          m.mesh)
-
+def check_config(config, target: Target, *, log=print) -> dict:
+  """Compiles one training step of `config` for `target`, exactly as the trainer builds it
+  (opd_jax.builder.build_run, without weights); returns the report dict."""
+  mesh = shd.make_mesh(dict(config.mesh), devices=target.devices)
+  r = builder.build_run(config, mesh, abstract=True, devices=target.devices)
+  rows, p_len, seq, notes = _shapes(config, r)
+  notes = r.notes + notes
+  models = {'student': r.student_where}
+  for t in _frozen(r):
+    spec = t.spec
+    if t.cfg.vocab_size != r.student_cfg.vocab_size:
+      notes.append(f'teacher {t.name!r} has vocab_size {t.cfg.vocab_size}, the student '
+                   f'{r.student_cfg.vocab_size} (the trainer checks the tokenizers match)')
+    models[t.name if t is r.reference else f'teacher {t.name}'] = (
+        t.where if t is r.reference else f'{t.where}, {spec.dtype}, {spec.sharding} rules'
+        + (f', devices {spec.devices}' if spec.devices else ''))
+  chk = _Check(r, target, log)
+  state = r.abstract_state()
+  chk.long_lived['state'] = state
+  chk.long_lived.update({t.name: t.params for t in _frozen(r)})
+  _compile_rollouts(chk, config, rows, p_len)
+  if config.mode == 'opd':  # teacher scoring: every row routed to every teacher (worst case)
+    for t in _frozen(r):
+      tb = batch_bucket(rows, shd.batch_size_multiple(t.mesh))
+      tok = _sds((tb, seq), jnp.int32, shd.batch_sharding(t.mesh, 2))
+      chk.compile(f'score/{t.name}', t.score_fn, (t.params, tok, tok), {}, t.mesh,
+                  f'B={tb} L={seq}' + (f' top_k={t.top_k}' if t.top_k else ''), {t.name})
   # the update on one mini-batch (traced under the state's mesh, as in the trainer)
-  ub = rows // mini
-  bsh = shd.batch_sharding(mesh, 2)
-  fields = ['tokens', 'attention_mask', 'loss_mask']
-  batch = {f: _sds((ub, seq), jnp.int32, bsh) for f in fields}
-  if config.mode != 'sft':
-    batch.update(behaviour_logprobs=_sds((ub, seq), jnp.float32, bsh),
-                 advantages=_sds((ub, seq), jnp.float32, bsh))
-    if config.loss.full_vocab:
-      bsh3 = shd.batch_sharding(mesh, 3)
-      batch.update(teacher_top_ids=_sds((ub, seq, top_k), jnp.int32, bsh3),
-                   teacher_top_logprobs=_sds((ub, seq, top_k), jnp.float32, bsh3))
-  update = make_update_fn(student.graphdef, tx, schedule, loss_spec(config),
-                          micro_batches=micro, state_shardings=state_shardings)
-  c = _compile('update', update, (state, batch), {}, tpu=tpu, log=log)
-  add('update', c, f'B={ub} (micro {ub // micro}) L={seq}', {'state'}, mesh)
-
-  worst = max(reports, key=lambda r: (r.measured, r.peak))
+  ub = rows // int(config.batch.mini_batches)
+  chk.compile('update', r.update_fn, (state, builder.update_batch_spec(
+      config, mesh, ub, seq)), {}, mesh,
+      f'B={ub} (micro {ub // int(config.batch.micro_batches)}) L={seq}', {'state'})
+  reports = chk.reports
+  worst = max(reports, key=lambda x: (x.measured, x.peak))
   return {
       'target': target.kind, 'label': target.label,
       'hbm_per_device': target.hbm_per_device,
       'mesh': {k: int(v) for k, v in mesh.shape.items()}, 'models': models, 'notes': notes,
-      'functions': [dict(dataclasses.asdict(r), total=r.total, peak=r.peak) for r in reports],
+      'functions': [dict(dataclasses.asdict(x), total=x.total, peak=x.peak) for x in reports],
       'largest': {'name': worst.name, 'total': worst.total, 'peak': worst.peak,
                   'measured': worst.measured},
-      'over_hbm': [r.name for r in reports if r.compiler_oom or (
-          target.hbm_per_device and r.peak > target.hbm_per_device)],
+      'over_hbm': [x.name for x in reports if x.compiler_oom or (
+          target.hbm_per_device and x.peak > target.hbm_per_device)],
   }
+
+
+def _compile_rollouts(chk: _Check, config, rows: int, p_len: int) -> None:
+  """The training rollout (the student's, or the teacher's for SFT on its samples) and the
+  eval rollout when its shapes are not covered by the training one."""
+  r = chk.run
+  train = None
+  if config.mode == 'opd':
+    cast = jax.tree.map(lambda x: _sds(x.shape, r.compute_dtype if jnp.issubdtype(
+        x.dtype, jnp.floating) else x.dtype, x.sharding), r.params)
+    train = (_compile_rollout(chk, 'rollout', r.sampler, r.student_cfg, cast, rows, p_len,
+                              r.rollout_sp, set()), r.rollout_sp.max_new_tokens)
+  elif config.sft.source == 'teacher':
+    t = r.teachers[0]
+    _compile_rollout(chk, f'rollout/{t.name}', r.teacher_sampler, t.cfg, t.params, rows,
+                     p_len, r.teacher_sp, {t.name})
+  if config.data.eval:  # the eval rollout, unless training's rollout dominates its shapes
+    dp = shd.batch_size_multiple(r.mesh)
+    eval_rows = min(int(config.eval.batch_size),
+                    int(config.eval.num_prompts or config.eval.batch_size))
+    eval_new = int(config.eval.max_new_tokens or config.rollout.max_new_tokens)
+    if train is None or batch_bucket(eval_rows, dp) > train[0] or eval_new > train[1]:
+      cast = jax.tree.map(lambda x: _sds(x.shape, r.compute_dtype if jnp.issubdtype(
+          x.dtype, jnp.floating) else x.dtype, x.sharding), r.params)
+      _compile_rollout(chk, 'eval', r.sampler, r.student_cfg, cast, eval_rows, p_len,
+                       SamplingParams(max_new_tokens=eval_new, temperature=0.0,
+                                      stop_ids=r.stop_ids), set())
+
+
+def _compile_rollout(chk: _Check, prefix, sampler, cfg, params, b, p_len, sp, args_of):
+  """Compiles a Sampler's prefill and decode for b rows; returns the row bucket."""
+  mesh = sampler.mesh
+  bb = batch_bucket(b, shd.batch_size_multiple(mesh))
+  ids = _sds((bb, p_len), jnp.int32, shd.batch_sharding(mesh, 2))
+  shapes = f'B={bb} P={p_len} N={sp.max_new_tokens}'
+  pre = chk.compile(f'{prefix}/prefill', sampler._prefill, (params, ids, ids),
+                    dict(max_new_tokens=sp.max_new_tokens, cache_dtype=sampler.cache_dtype),
+                    mesh, shapes, args_of)
+  if pre is not None:
+    cache, logits = _strip(pre.out_info)
+  else:  # the prefill does not compile; the decode still can, on the sampler's layout
+    kv_axis = 'tensor' if cfg.num_kv_heads % mesh.shape['tensor'] == 0 else None
+    dtype = sampler.cache_dtype or jax.tree.leaves(params)[0].dtype
+    kv = _sds((bb, p_len + sp.max_new_tokens, cfg.num_kv_heads, cfg.head_dim), dtype,
+              NamedSharding(mesh, P(shd.BATCH_AXES, None, kv_axis, None)))
+    cache = {'k': [kv] * cfg.num_layers, 'v': [kv] * cfg.num_layers}
+    logits = _sds((bb, cfg.vocab_size), jnp.float32, shd.batch_sharding(mesh, 2))
+  key = jax.eval_shape(lambda: jax.random.key(0))
+  key = _sds(key.shape, key.dtype, shd.replicated(mesh))
+  done = _sds((bb,), jnp.bool_, shd.batch_sharding(mesh, 1))
+  chk.compile(f'{prefix}/decode', sampler._decode, (params, cache, logits, ids, done, key),
+              dict(sp=sp, pad_id=sampler.pad_id), mesh, shapes, args_of)
+  return bb
 
 
 # ------------------------------------------------------------------------------- report
@@ -642,7 +560,7 @@ def main(argv=None):
       rep = run(config_flag.value, topology=f.topology, backend=f.backend,
                 num_devices=f.num_devices, argv=(argv or sys.argv)[1:],
                 log=lambda s: print(s, flush=True))
-    except AotError as e:
+    except ConfigError as e:  # AotError included
       raise app.UsageError(str(e)) from e
     if f.json:
       with open(f.json, 'w') as fh:

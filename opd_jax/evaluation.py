@@ -11,11 +11,11 @@ from collections import defaultdict
 from collections.abc import Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from opd_jax import rewards as rewards_lib
 from opd_jax import sharding as shd
+from opd_jax import steps
 from opd_jax.data import Record
 from opd_jax.sampling import SamplingParams
 
@@ -31,14 +31,6 @@ def decode_responses(tokenizer, tokens_BxN, mask_BxN) -> list[str]:
   tokens, mask = np.asarray(tokens_BxN), np.asarray(mask_BxN).astype(bool)
   return tokenizer.batch_decode([t[m].tolist() for t, m in zip(tokens, mask)],
                                 skip_special_tokens=True)
-
-
-def allgather_rows(x: np.ndarray) -> np.ndarray:
-  """Concatenates every process's rows (identity on one process)."""
-  if jax.process_count() == 1:
-    return x
-  from jax.experimental import multihost_utils
-  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 @dataclasses.dataclass
@@ -99,7 +91,7 @@ def evaluate(*, step: int, key, student_params, sampler, encoder, tokenizer,
   if tag_to_reward or default_reward:
     rew = rewards_lib.compute_rewards(texts, [record_dict(r) for r in records],
                                       dict(tag_to_reward or {}), default=default_reward)
-    all_rew = allgather_rows(np.asarray(rew, np.float32))
+    all_rew = shd.allgather_rows(np.asarray(rew, np.float32))
     all_tags = np.asarray(_global_tags(tags, len(tags), tag_vocab))
     metrics['eval/accuracy'] = float(all_rew.mean())
     for t in sorted(set(all_tags.tolist())):
@@ -122,7 +114,7 @@ def evaluate(*, step: int, key, student_params, sampler, encoder, tokenizer,
         per_prompt[:, s] = rewards_lib.compute_rewards(
             texts_s, [record_dict(r) for r in records], dict(tag_to_reward or {}),
             default=default_reward)
-      per_prompt = allgather_rows(per_prompt)
+      per_prompt = shd.allgather_rows(per_prompt)
       for k in settings.pass_k:
         for name, v in rewards_lib.pass_at_k_by_tag(list(all_tags), per_prompt >= 1.0,
                                                      k).items():
@@ -136,9 +128,7 @@ def evaluate(*, step: int, key, student_params, sampler, encoder, tokenizer,
     for idx in _chunks(list(range(len(records))), settings.batch_size):
       out = sampler(student_params, [prompts[i] for i in idx],
                     jax.random.fold_in(jax.random.fold_in(key, 10**6), idx[0]), sp)
-      tokens, attn = out.sequences()
-      lmask = jnp.concatenate([jnp.zeros_like(out.prompt_mask), out.mask], axis=1)
-      s_b = jnp.concatenate([jnp.zeros(out.prompt_mask.shape, jnp.float32), out.logprobs], 1)
+      tokens, attn, lmask, s_b = steps.rollout_arrays(out)
       rows_per_process = tokens.shape[0] // jax.process_count()
       kl_sum, cnt = kl_fn(tokens, attn, lmask, s_b,
                           _global_tags([tags[i] for i in idx], rows_per_process, tag_vocab))

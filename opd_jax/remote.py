@@ -145,6 +145,7 @@ class RemoteTeacher:
                        f'rollout temperature is {temperature}; use remote_protocol=sglang '
                        f'(opd_jax.serve_teacher applies the temperature) or temperature 1')
     self.url = spec.remote_url.rstrip('/')
+    self.cfg = None  # the architecture is not known here (no FLOP accounting)
     self.mesh = mesh
     self.top_k = int(top_k)
     self.temperature = float(temperature)
@@ -276,7 +277,10 @@ class RemoteTeacher:
     rows = np.asarray(rows, np.int64)
     if len(rows) == 0:
       return None
-    tokens, mask = _host(tokens_BxL), _host(mask_BxL).astype(bool)
+    from opd_jax import sharding as shd
+    # With several processes every host posts every routed row: correct, but the server
+    # then scores each row once per host.
+    tokens, mask = shd.to_host(tokens_BxL), shd.to_host(mask_BxL).astype(bool)
     b, l = tokens.shape
     positions = {int(r): np.nonzero(mask[r])[0] for r in rows}
     posted = [r for r, p in positions.items() if len(p)]  # a row with no tokens scores 0
@@ -306,14 +310,3 @@ class RemoteTeacher:
     # As LocalTeacher: batch-sharded, or replicated for a batch the data axes do not divide.
     return {k: jax.device_put(v, shd.rows_sharding(mesh, v.shape[0], v.ndim))
             for k, v in out.items()}
-
-
-def _host(x) -> np.ndarray:
-  """A global (possibly multi-host) array as numpy on this host. With several processes
-  every host then posts every routed row: correct, but the server scores each row once per
-  host."""
-  import jax
-  if isinstance(x, jax.Array) and not x.is_fully_addressable:
-    from jax.experimental import multihost_utils
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-  return np.asarray(x)

@@ -275,12 +275,22 @@ def match_shardings(tree, reference, mesh: Mesh):
 
 
 # ------------------------------------------------------------------------------ multi-host
+# The three host gathers of the package: a global array to numpy (`to_host`), every
+# process's host rows concatenated (`allgather_rows`) or stacked (`allgather_host`).
 def to_host(x) -> np.ndarray:
   """A global array as numpy on every process (gathered when other processes hold parts)."""
   if getattr(x, 'is_fully_addressable', True):
-    return np.asarray(x)
+    return np.asarray(jax.device_get(x))
   from jax.experimental import multihost_utils
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def allgather_rows(x: np.ndarray) -> np.ndarray:
+  """Every process's host rows concatenated in process order (identity on one process)."""
+  if jax.process_count() == 1:
+    return np.asarray(x)
+  from jax.experimental import multihost_utils
+  return np.asarray(multihost_utils.process_allgather(np.asarray(x), tiled=True))
 
 
 def local_rows(x) -> np.ndarray:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import typing
 from collections.abc import Sequence
 
 import jax
@@ -75,26 +76,56 @@ def route_matrix(tags: Sequence[str], specs: Sequence[TeacherSpec]) -> np.ndarra
                     np.float32).reshape(len(tags), len(specs))
 
 
+@typing.runtime_checkable
+class Teacher(typing.Protocol):
+  """What the trainer needs of a teacher (or the G-OPD reference), in process or remote.
+
+  `cfg` is the architecture (a ModelConfig) when known, for FLOP accounting, else None.
+  `score` returns {'logprobs' [B, T], plus 'top_logprobs' / 'top_ids' [B, T, K] when
+  top_k} for all B rows (zeros on rows not in `rows`), or None when `rows` is empty; the
+  logprobs are of softmax(logits / temperature) (docs/design.md §3.2). Both kinds are built
+  by `opd_jax.builder.make_teacher` with the same settings."""
+  name: str
+  spec: TeacherSpec
+  cfg: typing.Any
+  top_k: int
+  tokens_scored: int
+  rows_forwarded: int
+
+  def score(self, tokens_BxT, mask_BxT, rows: np.ndarray, *, out_sharding=None): ...
+
+
+def teacher_mesh(spec: TeacherSpec, student_mesh, devices=None):
+  """The mesh an in-process teacher runs on: its device slice (`devices='4:8'`, taken from
+  `devices` or all devices), its own mesh shape, or the student's mesh."""
+  if spec.devices:
+    return shd.make_mesh(spec.mesh or {'fsdp': -1},
+                         devices=shd.parse_devices(spec.devices, devices))
+  if spec.mesh:
+    return shd.make_mesh(spec.mesh, devices=devices)
+  return student_mesh
+
+
 class LocalTeacher:
-  """A frozen model on the mesh that returns per-token logprobs of given sequences."""
+  """A frozen model on the mesh that returns per-token logprobs of given sequences.
+
+  `model` (a Decoder) or `parts` = (graphdef, params, cfg) skip loading `spec.model`;
+  params may be ShapeDtypeStructs (the AOT check compiles `score_fn` on them)."""
 
   def __init__(self, spec: TeacherSpec, *, student_mesh, top_k: int = 0,
-               temperature: float = 1.0, model=None, micro_batches: int = 1):
+               temperature: float = 1.0, model=None, micro_batches: int = 1, parts=None,
+               devices=None):
     self.spec = spec
     self.name = spec.name
-    if spec.devices:
-      self.mesh = shd.make_mesh(spec.mesh or {'fsdp': -1}, devices=shd.parse_devices(spec.devices))
-    elif spec.mesh:
-      self.mesh = shd.make_mesh(spec.mesh)
-    else:
-      self.mesh = student_mesh
-    if model is None:
-      model = load_pretrained(spec.model, mesh=self.mesh, dtype=jnp.dtype(spec.dtype),
-                              rules=spec.sharding)
-    self.cfg = model.cfg
-    self.graphdef, self.params = nnx.split(model)
-    self._score = make_score_fn(self.graphdef, top_k=top_k, temperature=temperature,
-                                micro_batches=micro_batches)
+    self.mesh = teacher_mesh(spec, student_mesh, devices)
+    if parts is None:
+      if model is None:
+        model = load_pretrained(spec.model, mesh=self.mesh, dtype=jnp.dtype(spec.dtype),
+                                rules=spec.sharding)
+      parts = (*nnx.split(model), model.cfg)
+    self.graphdef, self.params, self.cfg = parts
+    self.score_fn = make_score_fn(self.graphdef, top_k=top_k, temperature=temperature,
+                                  micro_batches=micro_batches)
     self.top_k = top_k
     self.tokens_scored = 0
     self.rows_forwarded = 0
@@ -119,7 +150,7 @@ class LocalTeacher:
     sharding = NamedSharding(self.mesh, shd.batch_spec(2))
     sub_tokens, sub_mask = jax.device_put((sub_tokens, sub_mask), sharding)
     with jax.set_mesh(self.mesh):
-      out = self._score(self.params, sub_tokens, sub_mask)
+      out = self.score_fn(self.params, sub_tokens, sub_mask)
     self.rows_forwarded += int(sub_tokens.shape[0])
     if full:
       return out if out_sharding is None else jax.device_put(out, jax.tree.map(

@@ -180,13 +180,6 @@ def create_model(cfg: ModelConfig, *, seed: int = 0, mesh: jax.sharding.Mesh | N
 
 
 # ---------------------------------------------------------------------------- writing
-def _host(x) -> np.ndarray:
-  if not x.is_fully_addressable:
-    from jax.experimental import multihost_utils
-    x = multihost_utils.process_allgather(x, tiled=True)
-  return np.asarray(jax.device_get(x))
-
-
 def _write_safetensors(fname: str, tensors: dict[str, np.ndarray], metadata=None):
   header: dict[str, Any] = {'__metadata__': metadata or {'format': 'pt'}}
   offset = 0
@@ -219,7 +212,7 @@ def save_pretrained(model: Decoder, path: str, *, dtype=None,
   tensors: dict[str, np.ndarray] = {}
   for kp, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
     p = shd.path_str(kp)
-    arr = _host(leaf).astype(dtype)
+    arr = shd.to_host(leaf).astype(dtype)
     if p.startswith('layers/'):
       for i in range(cfg.num_layers):
         tensors[hf_name(p, i)] = arr[i]

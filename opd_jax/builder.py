@@ -1,0 +1,473 @@
+"""One way to build a run: the models, the jitted steps with their shardings, the stop ids and
+every check, shared by the trainer (`opd_jax.train`) and the ahead-of-time check
+(`opd_jax.aot`), so that the AOT check compiles exactly what the trainer runs.
+
+  validate(config, mesh)      every check that needs only the config (and the mesh); runs
+                              before any weights load
+  build_run(config, mesh, tokenizer=...)          the trainer's Run: weights loaded
+  build_run(config, mesh, abstract=True, ...)     the AOT check's Run: the same pieces on
+                                                  ShapeDtypeStructs, no weights
+  check_resume(config, workdir)                   writes workdir/config.json; refuses a
+                                                  resumed run whose objective or shapes
+                                                  changed (docs/design.md §4)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import json
+import logging
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from opd_jax import advantages as adv_lib
+from opd_jax import sharding as shd
+from opd_jax import tiny
+from opd_jax.models import Decoder, load_pretrained, read_hf_config
+from opd_jax.models.presets import PRESETS, preset_config, preset_name
+from opd_jax.sampling import Sampler, SamplingParams
+from opd_jax.teachers import LocalTeacher, Teacher, TeacherSpec, teacher_mesh
+from opd_jax.update import LossSpec, make_optimizer, make_train_state, make_update_fn
+
+log = logging.getLogger(__name__)
+
+
+class ConfigError(ValueError):
+  """A config that cannot run; the message names the field."""
+
+
+# ------------------------------------------------------------------------- config checks
+def validate(config, mesh=None) -> None:
+  """Cross-field checks that would otherwise fail deep inside the loop; with a mesh, also the
+  batch layout. Needs no weights, no data and no tokenizer."""
+  if not config.student.model:
+    raise ConfigError('config.student.model: set the student checkpoint directory')
+  if config.mode not in ('opd', 'sft'):
+    raise ConfigError(f"config.mode={config.mode!r}; expected 'opd' or 'sft'")
+  has_reward = bool(config.rl.tag_to_reward) or bool(config.rl.default_reward)
+  if config.mode == 'opd' and not config.teachers and not config.rl.estimator:
+    raise ConfigError('config.mode=opd needs a teacher (config.teachers) or an outcome-reward '
+                      'estimator (config.rl.estimator)')
+  if config.rl.estimator:
+    if config.rl.estimator not in adv_lib.ESTIMATORS:
+      raise ConfigError(f'config.rl.estimator={config.rl.estimator!r}; known: '
+                        f'{", ".join(adv_lib.ESTIMATORS)}')
+    if not has_reward:
+      raise ConfigError('config.rl.estimator needs rewards: set config.rl.tag_to_reward or '
+                        'config.rl.default_reward')
+  if config.gopd.enabled and not config.teachers:
+    raise ConfigError('config.gopd.enabled needs at least one teacher')
+  if config.loss.full_vocab and len(config.teachers) != 1:
+    raise ConfigError('config.loss.full_vocab (top-k distillation) needs exactly one teacher')
+  if not config.data.train:
+    raise ConfigError('config.data.train: no training files')
+  ro = config.rollout
+  if not ro.temperature > 0:
+    raise ConfigError(f'config.rollout.temperature={ro.temperature}: must be > 0. Rollouts '
+                      'are the policy being trained, and greedy decoding (0) is a point mass '
+                      'with no defined policy gradient (evaluation is greedy on its own)')
+  if ro.top_k < 0 or not 0.0 < ro.top_p <= 1.0:
+    raise ConfigError(f'config.rollout.top_k={ro.top_k} / top_p={ro.top_p}: top_k must be >= 0 '
+                      '(0 = off) and top_p in (0, 1] (1 = off)')
+  if config.loss.kl_estimator != 'k1':
+    raise ConfigError(
+        f'config.loss.kl_estimator={config.loss.kl_estimator!r}: only k1 (s_b - t) is offered '
+        'as the OPD advantage. k3 is an unbiased estimate of the KL value, but as a reward '
+        'its policy gradient is that of KL(pi||q) - KL(q||pi), not of the reverse KL; '
+        'runs report it as the metric opd/reverse_kl_k3')
+  if config.loss.full_vocab and config.loss.full_vocab_top_k < 1:
+    raise ConfigError(f'config.loss.full_vocab_top_k={config.loss.full_vocab_top_k}: the top-k '
+                      f'distillation term needs k >= 1')
+  if config.mode == 'sft' and config.sft.source not in ('dataset', 'teacher'):
+    raise ConfigError(f"config.sft.source={config.sft.source!r}; expected 'dataset' or 'teacher'")
+  specs = teacher_specs(config)
+  if config.mode == 'sft' and config.sft.source == 'teacher' and (
+      not specs or specs[0].remote_url):
+    raise ConfigError("config.sft.source='teacher' needs an in-process teacher (the first of "
+                      'config.teachers)')
+  if mesh is not None:
+    rows = batch_rows(config)
+    mini, micro = int(config.batch.mini_batches), int(config.batch.micro_batches)
+    dp = shd.batch_size_multiple(mesh)
+    if rows % (mini * micro * dp):
+      raise ConfigError(f'the batch of {rows} rows is not divisible by batch.mini_batches x '
+                        f'batch.micro_batches x the data-parallel extent ({mini} x {micro} x '
+                        f'{dp})')
+
+
+def teacher_specs(config) -> list[TeacherSpec]:
+  try:
+    return [TeacherSpec.from_config(n, t) for n, t in config.teachers.items()]
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+
+
+def check_signal(config, train_tags) -> None:
+  """Every training tag gets a teacher or a reward (OPD mode); needs the data, no weights."""
+  if config.mode != 'opd':
+    return
+  specs = teacher_specs(config)
+  tag_to_reward = dict(config.rl.tag_to_reward)
+  for tag in train_tags:
+    if not any(s.handles(tag) for s in specs) and tag not in tag_to_reward \
+        and not config.rl.default_reward:
+      raise ConfigError(f'training records with tag {tag!r} get no signal: no teacher in '
+                        f'config.teachers handles it and config.rl has no reward for it')
+
+
+def check_model_paths(config) -> None:
+  """Every checkpoint the run loads exists, checked before any weights load (the AOT check
+  does not call this: it compiles from architecture presets when a path is absent)."""
+  _check_model_path('config.student.model', config.student.model)
+  for name, t in config.teachers.items():
+    if not t.get('remote_url'):
+      _check_model_path(f'config.teachers.{name}.model', t.get('model'))
+  if config.gopd.enabled and config.gopd.reference != 'student_init':
+    _check_model_path('config.gopd.reference', config.gopd.reference)
+
+
+def _check_model_path(field: str, path) -> None:
+  """A checkpoint path must be a 'tiny:' spec or an existing directory (no hub downloads)."""
+  if not path:
+    raise ConfigError(f'{field}: set a checkpoint directory')
+  path = str(path)
+  if path.startswith('tiny:'):
+    return
+  if not os.path.isdir(path):
+    raise ConfigError(f'{field}={path!r}: no such checkpoint directory (expected a Hugging '
+                      'Face checkpoint folder with config.json and *.safetensors)')
+
+
+def batch_rows(config) -> int:
+  """Rows of one training batch: SFT examples, or prompts x samples per prompt."""
+  if config.mode == 'sft':
+    return int(config.sft.batch_size)
+  return int(config.rollout.prompts_per_step) * int(config.rollout.n_samples)
+
+
+def loss_spec(config) -> LossSpec:
+  """The update's static loss settings from a config."""
+  pg = config.mode != 'sft'
+  return LossSpec(kind='pg' if pg else 'nll',
+                  temperature=config.rollout.temperature, clip_eps=config.loss.clip_eps,
+                  top_k=int(config.rollout.top_k) if pg else 0,
+                  top_p=float(config.rollout.top_p) if pg else 1.0,
+                  clip_eps_high=config.loss.clip_eps_high, ratio_level=config.loss.ratio_level,
+                  aggregation=config.loss.aggregation, full_vocab=config.loss.full_vocab,
+                  full_vocab_coef=config.loss.full_vocab_coef, jsd_beta=config.loss.jsd_beta,
+                  chunk_size=config.loss.chunk_size, remat=config.student.remat,
+                  compute_dtype=config.student.compute_dtype)
+
+
+def rollout_params(config, stop_ids) -> SamplingParams:
+  return SamplingParams(max_new_tokens=config.rollout.max_new_tokens,
+                        temperature=config.rollout.temperature, top_k=config.rollout.top_k,
+                        top_p=config.rollout.top_p, stop_ids=tuple(stop_ids))
+
+
+def stop_ids(hf_config: dict, tokenizer=None, stop_tokens=()) -> tuple[int, ...]:
+  """The ids that end a response: the checkpoint's eos ids, the tokenizer's eos, and
+  config.rollout.stop_tokens (which need the tokenizer)."""
+  ids = {int(i) for i in np.atleast_1d(hf_config.get('eos_token_id') or []) if i is not None}
+  if tokenizer is not None and tokenizer.eos_token_id is not None:
+    ids.add(int(tokenizer.eos_token_id))
+  for tok in stop_tokens:
+    tid = None if tokenizer is None else tokenizer.convert_tokens_to_ids(tok)
+    if tid is None or tid == getattr(tokenizer, 'unk_token_id', None):
+      raise ConfigError(f'config.rollout.stop_tokens: {tok!r} is not a token of the tokenizer')
+    ids.add(int(tid))
+  return tuple(sorted(ids))
+
+
+def update_batch_spec(config, mesh, rows: int, seq: int):
+  """The UpdateBatch the trainer feeds the update, as ShapeDtypeStructs of [rows, seq]
+  batch-sharded on `mesh` (fields by the loss: SFT, 'pg', top-k distillation)."""
+  from opd_jax.update import UpdateBatch
+  bsh = shd.batch_sharding(mesh, 2)
+
+  def sds(shape, dtype, sh=bsh):
+    return jax.ShapeDtypeStruct(tuple(shape), dtype, sharding=sh)
+  ints = [sds((rows, seq), jnp.int32) for _ in range(3)]
+  if config.mode == 'sft':
+    return UpdateBatch(*ints)
+  batch = UpdateBatch(*ints, behaviour_logprobs=sds((rows, seq), jnp.float32),
+                      advantages=sds((rows, seq), jnp.float32))
+  if config.loss.full_vocab:
+    k, bsh3 = int(config.loss.full_vocab_top_k), shd.batch_sharding(mesh, 3)
+    batch = dataclasses.replace(batch, teacher_top_ids=sds((rows, seq, k), jnp.int32, bsh3),
+                                teacher_top_logprobs=sds((rows, seq, k), jnp.float32, bsh3))
+  return batch
+
+
+# ----------------------------------------------------------------------- resume checks
+# Fields a resumed run may change (fnmatch patterns): how long it runs, how it evaluates,
+# logs, checkpoints and exports, the optimizer's settings, and where things run (the mesh,
+# gradient accumulation, a teacher's devices or server). Any other change alters the
+# objective or the shapes, and is refused.
+RESUMABLE_FIELDS = ('total_steps', 'log_every', 'eval_every', 'eval_at_start', 'distributed',
+                    'eval.*', 'checkpoint.*', 'export.*', 'debug.*', 'data.eval', 'data.eval.*',
+                    'optim.*', 'mesh.*', 'batch.micro_batches', 'teachers.*.devices',
+                    'teachers.*.mesh', 'teachers.*.mesh.*', 'teachers.*.remote_url',
+                    'teachers.*.remote_timeout_s', 'teachers.*.remote_retries',
+                    'teachers.*.remote_concurrency')
+
+
+def _flatten(d, prefix=''):
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict) and v:
+      out.update(_flatten(v, f'{prefix}{k}.'))
+    else:
+      out[f'{prefix}{k}'] = v
+  return out
+
+
+def check_resume(config, workdir: str, *, resuming: bool) -> None:
+  """Writes the resolved config to workdir/config.json; when resuming, first compares it with
+  the one written there and stops, listing the fields, on a change that alters the objective
+  or the shapes (total_steps, eval, logging, checkpointing and export may change)."""
+  path = os.path.join(workdir, 'config.json')
+  now = json.loads(config.to_json_best_effort(sort_keys=True))
+  if resuming and os.path.exists(path):
+    with open(path) as f:
+      before = json.load(f)
+    a, b = _flatten(before), _flatten(now)
+    changed = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and not any(
+        fnmatch.fnmatchcase(k, f) for f in RESUMABLE_FIELDS))
+    if changed:
+      raise ConfigError(
+          f'{workdir} holds a run with another config: it differs in '
+          + ', '.join(f'config.{k} ({a.get(k)!r} -> {b.get(k)!r})' for k in changed)
+          + '. Resuming would change the objective or the shapes; use a new workdir (see '
+          'builder.RESUMABLE_FIELDS for what may change)')
+  if jax.process_index() == 0:
+    tmp = path + '.tmp'
+    with open(tmp, 'w') as f:
+      json.dump(now, f, indent=1, sort_keys=True)
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------ models
+@dataclasses.dataclass
+class ModelSource:
+  """A model entry's architecture: its ModelConfig, HF config dict and where it came from."""
+  cfg: Any
+  hf: dict
+  where: str
+
+
+def model_source(spec: str | None, field: str) -> ModelSource:
+  """The architecture of a config's model entry: directory, `tiny:` spec, or preset."""
+  if not spec:
+    raise ConfigError(f'{field}: no model set')
+  path = tiny.resolve_model(spec)
+  if os.path.isdir(path):
+    cfg, hf = read_hf_config(path)
+    return ModelSource(cfg, hf, spec if spec == path else f'{spec} -> {path}')
+  name = preset_name(path)
+  if name is None:
+    raise ConfigError(f'{field}={spec!r}: no such directory here and its basename names no '
+                      f'architecture preset (known: {", ".join(PRESETS)}); pass a directory '
+                      f'with a config.json, e.g. --{field}=/path/to/model')
+  cfg, hf = preset_config(name)
+  return ModelSource(cfg, hf, f'{spec} (not here: compiled from the {name} preset, '
+                              f'{cfg.num_params / 1e9:.2f}B params)')
+
+
+def abstract_model(src: ModelSource, dtype, mesh, rules):
+  """(graphdef, params as ShapeDtypeStructs carrying their NamedShardings): no weights."""
+  model = nnx.eval_shape(lambda: Decoder(src.cfg, dtype=dtype, rngs=nnx.Rngs(0),
+                                         hf_config=src.hf))
+  graphdef, state = nnx.split(model)
+  shardings = shd.param_shardings(state, mesh, rules)
+  return graphdef, jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
+
+
+class _RemoteInAot:
+  """A remote teacher in the AOT check: nothing to compile or connect to."""
+  cfg = None
+  top_k = 0
+  tokens_scored = rows_forwarded = 0
+
+  def __init__(self, spec):
+    self.spec, self.name = spec, spec.name
+
+  def score(self, *args, **kw):
+    raise RuntimeError('the AOT check does not score')
+
+
+def make_teacher(spec: TeacherSpec, *, student_mesh, student_tokenizer=None, top_k: int = 0,
+                 temperature: float = 1.0, micro_batches: int = 1, abstract: bool = False,
+                 devices=None, field: str | None = None) -> Teacher:
+  """The one constructor of a teacher (or the G-OPD reference) from its spec, so that
+  in-process and remote teachers score with the same temperature and top-k."""
+  field = field or f'config.teachers.{spec.name}.model'
+  if spec.remote_url:
+    if abstract:
+      return _RemoteInAot(spec)
+    from opd_jax.remote import RemoteTeacher
+    return RemoteTeacher(spec, student_tokenizer=student_tokenizer, mesh=student_mesh,
+                         top_k=top_k, temperature=temperature)
+  if abstract:
+    src = model_source(spec.model, field)
+    mesh = teacher_mesh(spec, student_mesh, devices)
+    graphdef, params = abstract_model(src, jnp.dtype(spec.dtype), mesh, spec.sharding)
+    teacher = LocalTeacher(spec, student_mesh=student_mesh, top_k=top_k,
+                           temperature=temperature, micro_batches=micro_batches,
+                           parts=(graphdef, params, src.cfg), devices=devices)
+    teacher.where = src.where
+    return teacher
+  spec = dataclasses.replace(spec, model=tiny.resolve_model(spec.model))
+  if student_tokenizer is not None:
+    import transformers
+    from opd_jax import data as data_lib
+    data_lib.check_tokenizers_match(
+        student_tokenizer, transformers.AutoTokenizer.from_pretrained(spec.model),
+        teacher_name=f'teacher {spec.name!r} ({spec.model})')
+  return LocalTeacher(spec, student_mesh=student_mesh, top_k=top_k, temperature=temperature,
+                      micro_batches=micro_batches)
+
+
+# ---------------------------------------------------------------------------------- run
+@dataclasses.dataclass
+class Run:
+  """Everything one training run computes with, built once from the config."""
+  config: Any
+  mesh: Any
+  student_cfg: Any                       # ModelConfig
+  student_where: str
+  graphdef: Any
+  params: Any                            # arrays (trainer) or ShapeDtypeStructs (AOT)
+  teachers: list                         # Teacher, in config.teachers order
+  specs: list                            # their TeacherSpecs
+  reference: Teacher | None              # G-OPD reference
+  stop_ids: tuple
+  pad_id: int
+  sampler: Sampler
+  rollout_sp: SamplingParams
+  teacher_sampler: Sampler | None        # SFT on teacher samples
+  teacher_sp: SamplingParams | None
+  tx: Any
+  schedule: Any
+  param_shardings: Any
+  state_shardings: Any
+  update_fn: Any
+  loss: LossSpec
+  notes: list
+
+  @property
+  def coef_J(self):
+    return jnp.asarray([s.kl_coef for s in self.specs], jnp.float32)
+
+  @property
+  def adv_mode(self) -> str:
+    use_opd = self.config.mode == 'opd' and bool(self.teachers) and self.config.rl.use_opd
+    if not use_opd:
+      return 'none'
+    return 'gopd' if self.config.gopd.enabled else 'opd'
+
+  @property
+  def compute_dtype(self):
+    return jnp.dtype(self.config.student.compute_dtype)
+
+  def init_state(self):
+    """The train state (params, optimizer state, step) laid out as the update pins it."""
+    with jax.set_mesh(self.mesh):
+      return jax.jit(lambda p: make_train_state(p, self.tx),
+                     out_shardings=self.state_shardings)(self.params)
+
+  def abstract_state(self):
+    shape = jax.eval_shape(lambda p: make_train_state(p, self.tx), self.params)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        shape, self.state_shardings)
+
+  def cast_fn(self):
+    """Jitted params -> params in the compute dtype, with the params' shardings (the rollout
+    samples with these)."""
+    dtype = self.config.student.compute_dtype
+    return jax.jit(lambda p: jax.tree.map(lambda x: x.astype(dtype), p),
+                   out_shardings=self.param_shardings)
+
+
+def build_run(config, mesh, *, tokenizer=None, abstract: bool = False, devices=None) -> Run:
+  """The run's models and jitted steps. `abstract`: no weights (ShapeDtypeStructs with their
+  shardings, architectures from config.json or presets), for `opd_jax.aot`; `devices`: the
+  devices teacher slices are taken from (the AOT target's)."""
+  validate(config, mesh)
+  notes: list[str] = []
+  micro = int(config.batch.micro_batches)
+  top_k = int(config.loss.full_vocab_top_k) if config.loss.full_vocab else 0
+  temperature = float(config.rollout.temperature)
+  # ------------------------------------------------------------------------ student
+  if abstract:
+    src = model_source(config.student.model, 'config.student.model')
+    graphdef, params = abstract_model(src, jnp.float32, mesh, config.student.sharding)
+    cfg, hf, where = src.cfg, src.hf, src.where
+  else:
+    path = tiny.resolve_model(config.student.model)
+    student = load_pretrained(path, mesh=mesh, rules=config.student.sharding)
+    graphdef, params = nnx.split(student)
+    cfg, hf, where = student.cfg, student.hf_config, config.student.model
+    del student
+  # ----------------------------------------------------------------------- teachers
+  specs = teacher_specs(config)
+  teachers = []
+  for spec in specs:
+    if abstract and spec.remote_url:
+      notes.append(f'teacher {spec.name!r} is remote ({spec.remote_url}): not compiled here')
+    teachers.append(make_teacher(spec, student_mesh=mesh, student_tokenizer=tokenizer,
+                                 top_k=top_k, temperature=temperature, micro_batches=micro,
+                                 abstract=abstract, devices=devices))
+  reference = None
+  if config.gopd.enabled:
+    ref = config.gopd.reference
+    spec = TeacherSpec(name='reference', model=config.student.model if ref == 'student_init'
+                       else ref, sharding=config.student.sharding)
+    reference = make_teacher(spec, student_mesh=mesh, top_k=0, temperature=temperature,
+                             micro_batches=micro, abstract=abstract, devices=devices,
+                             field='config.gopd.reference' if ref != 'student_init'
+                             else 'config.student.model')
+  # ------------------------------------------------------------------------- steps
+  ids = stop_ids(hf, tokenizer, config.rollout.stop_tokens if tokenizer is not None
+                 or not abstract else ())
+  if abstract and config.rollout.stop_tokens and tokenizer is None:
+    notes.append('config.rollout.stop_tokens not resolved (no tokenizer): shapes unaffected')
+  pad_id = int(tokenizer.pad_token_id or 0) if tokenizer is not None else int(
+      hf.get('pad_token_id') or 0)
+  # The rollout runs on parameters cast to the compute dtype; its KV cache takes that dtype.
+  sampler = Sampler(graphdef, mesh=mesh, pad_id=pad_id,
+                    cache_dtype=jnp.dtype(config.student.compute_dtype))
+  teacher_sampler = teacher_sp = None
+  if config.mode == 'sft' and config.sft.source == 'teacher':
+    t0 = teachers[0]
+    teacher_sampler = Sampler(t0.graphdef, mesh=t0.mesh, pad_id=pad_id)
+    teacher_sp = SamplingParams(max_new_tokens=config.rollout.max_new_tokens,
+                                temperature=config.sft.temperature, stop_ids=ids)
+  mini = int(config.batch.mini_batches)
+  tx, schedule = make_optimizer(config.optim, int(config.total_steps) * mini)
+  param_shardings = jax.tree.map(lambda x: x.sharding, params)
+  state_shardings = shd.match_shardings(
+      jax.eval_shape(lambda p: make_train_state(p, tx), params), params, mesh)
+  spec = loss_spec(config)
+  update_fn = make_update_fn(graphdef, tx, schedule, spec, micro_batches=micro,
+                             state_shardings=state_shardings)
+  return Run(config=config, mesh=mesh, student_cfg=cfg, student_where=where,
+             graphdef=graphdef, params=params, teachers=teachers, specs=specs,
+             reference=reference, stop_ids=ids, pad_id=pad_id, sampler=sampler,
+             rollout_sp=rollout_params(config, ids), teacher_sampler=teacher_sampler,
+             teacher_sp=teacher_sp, tx=tx, schedule=schedule,
+             param_shardings=param_shardings, state_shardings=state_shardings,
+             update_fn=update_fn, loss=spec, notes=notes)
+
+
+__all__ = ['ConfigError', 'ModelSource', 'Run', 'abstract_model', 'batch_rows', 'build_run',
+           'check_model_paths', 'check_resume', 'check_signal', 'loss_spec', 'model_source',
+           'make_teacher', 'rollout_params', 'stop_ids', 'teacher_specs', 'update_batch_spec',
+           'validate']
