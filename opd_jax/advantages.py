@@ -1,8 +1,8 @@
 """Outcome-reward advantage estimators: one advantage per sequence from its scalar reward.
 
 Dimension legend (used in names):
-  B sequences = P prompts × G samples per prompt (`group_size`). The G rows of one prompt
-  are adjacent: rows [p·G, (p+1)·G) belong to prompt p, as the sampler emits them.
+  B sequences = Q prompts × G samples per prompt (`group_size`). The G rows of one prompt
+  are adjacent: rows [q·G, (q+1)·G) belong to prompt q, as the sampler emits them.
 
 Standard deviations are population std (ddof = 0, NumPy's default) unless `ddof` says
 otherwise; verl's and TRL's GRPO use torch.std (ddof = 1), which is larger by sqrt(G/(G−1)),
@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 
 def _grouped(rewards_B, group_size):
-  """rewards as float [P, G] after checking the batch layout."""
+  """rewards as float [Q, G] after checking the batch layout."""
   rewards_B = jnp.asarray(rewards_B)
   if rewards_B.ndim != 1:
     raise ValueError(f'rewards must be one value per sequence, [B]; got shape '
@@ -42,13 +42,13 @@ def _check_ddof(ddof, n, what):
     raise ValueError(f'ddof={ddof} needs more than {ddof} rewards per {what}; got {n}')
 
 
-def _centered(r_PxG):
+def _centered(r_QxG):
   """R − mean over the last axis, exactly 0 in a group whose rewards are all equal.
 
   The float mean of G equal values need not equal them (8 × float32(2/3) averages to 2/3
   + 6e-8), and dividing that residue by a std of ~0 + eps made it an advantage of 0.056."""
-  equal = jnp.all(r_PxG == r_PxG[..., :1], axis=-1, keepdims=True)
-  return jnp.where(equal, 0., r_PxG - jnp.mean(r_PxG, axis=-1, keepdims=True)), equal
+  equal = jnp.all(r_QxG == r_QxG[..., :1], axis=-1, keepdims=True)
+  return jnp.where(equal, 0., r_QxG - jnp.mean(r_QxG, axis=-1, keepdims=True)), equal
 
 
 def grpo(rewards_B, *, group_size, eps=1e-6, normalize_std=True, ddof=0):
@@ -56,26 +56,26 @@ def grpo(rewards_B, *, group_size, eps=1e-6, normalize_std=True, ddof=0):
 
   rewards_B: [B]; returns adv_B [B]. A group with identical rewards gets exactly 0.
   """
-  r_PxG = _grouped(rewards_B, group_size)
-  adv_PxG, equal = _centered(r_PxG)
+  r_QxG = _grouped(rewards_B, group_size)
+  adv_QxG, equal = _centered(r_QxG)
   if normalize_std:
     _check_ddof(ddof, group_size, 'group')
-    std = jnp.std(r_PxG, axis=-1, keepdims=True, ddof=ddof)
-    adv_PxG = jnp.where(equal, 0., adv_PxG / (std + eps))
-  return adv_PxG.reshape(-1)
+    std = jnp.std(r_QxG, axis=-1, keepdims=True, ddof=ddof)
+    adv_QxG = jnp.where(equal, 0., adv_QxG / (std + eps))
+  return adv_QxG.reshape(-1)
 
 
 def rloo(rewards_B, *, group_size, eps=1e-6):
   """RLOO: R_i − mean of the other G − 1 rewards of its group. [B] -> [B]; G >= 2.
   eps is unused (no division by a data-dependent scale)."""
   del eps
-  r_PxG = _grouped(rewards_B, group_size)
+  r_QxG = _grouped(rewards_B, group_size)
   if group_size < 2:
     raise ValueError(f'rloo needs group_size >= 2 (a leave-one-out baseline needs another '
                      f'sample of the same prompt); got group_size={group_size}')
-  others_mean_PxG = (jnp.sum(r_PxG, axis=-1, keepdims=True) - r_PxG) / (group_size - 1)
-  equal = jnp.all(r_PxG == r_PxG[..., :1], axis=-1, keepdims=True)
-  return jnp.where(equal, 0., r_PxG - others_mean_PxG).reshape(-1)
+  others_mean_QxG = (jnp.sum(r_QxG, axis=-1, keepdims=True) - r_QxG) / (group_size - 1)
+  equal = jnp.all(r_QxG == r_QxG[..., :1], axis=-1, keepdims=True)
+  return jnp.where(equal, 0., r_QxG - others_mean_QxG).reshape(-1)
 
 
 def reinforce_pp(rewards_B, *, group_size, eps=1e-6, ddof=0):

@@ -1,12 +1,12 @@
 """Analytic FLOP counts of the phases of an OPD training step (pure Python / NumPy, no JAX).
 
 Legend: B rows, T query positions, S key positions, D hidden, F MLP hidden, H query heads,
-K kv heads, E head dim, V vocabulary, L layers, P prompt slots, N max new tokens.
+Hk kv heads, E head dim, V vocabulary, L layers, P prompt slots, N max new tokens.
 
 Conventions
   * A multiply-add is 2 FLOPs; every count is an exact Python int of FLOPs.
   * Counted: the matmuls of the decoder (`opd_jax.models.decoder`), per layer and token
-      q/k/v/o projections  2 * D * E * (2 H + 2 K)     (GQA: k and v have K heads)
+      q/k/v/o projections  2 * D * E * (2 H + 2 Hk)    (GQA: k and v have Hk heads)
       gated MLP            2 * 3 * D * F                (gate, up, down)
     per layer, (query, key) pair attended
       QK^T and AV          2 * 2 * H * E                (every query head reads its kv head)
@@ -238,7 +238,7 @@ def padded_score_flops(cfg, batch: int, length: int, *, chunk_size: int | None =
 
 def padded_update_flops(cfg, batch: int, length: int, *, remat: bool,
                         chunk_size: int | None = None, micro_batches: int = 1) -> int:
-  """Executed FLOPs of `update.make_update_fn(...)` on [B, L] batches: 3 x the padded
+  """Executed FLOPs of `update.make_update_fn(...)` on [B, T] batches: 3 x the padded
   scoring forward, plus with remat its recomputation less the down projections (see
   `update_flops`); the optimizer is not counted.
 

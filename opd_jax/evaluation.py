@@ -1,7 +1,7 @@
 """Held-out evaluation: accuracy and pass@k under verifiable rewards, reverse KL to the
 teachers on the student's own samples, and a few decoded samples for TensorBoard.
 
-Legend: P eval prompts, n samples per prompt, N new tokens.
+Legend (docs/design.md §7): Q eval prompts, G samples per prompt (pass@k), N new tokens.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """A teacher served over HTTP (opd_jax.serve_teacher, SGLang or vLLM), behind LocalTeacher's
 interface, so the trainer's advantage code cannot tell the two apart.
 
-Legend: B rows of the batch, L positions (left-padded prompt + right-padded response), K top-k.
+Legend (docs/design.md §7): B rows of the batch, T positions (left-padded prompt + right-padded response), K top-k.
 
 For each routed row, the real tokens (mask 1, padding stripped) are posted as one request,
 `remote_concurrency` requests at a time; each answer is scattered back to the row's real
@@ -269,9 +269,9 @@ class RemoteTeacher:
       raise failed[0].exception()
     return [f.result() for f in futures]
 
-  def score(self, tokens_BxL, mask_BxL, rows: np.ndarray, *, out_sharding=None):
-    """Scores `rows` of the batch on the server; returns {'logprobs' [B, L]} (plus
-    'top_logprobs' / 'top_ids' [B, L, K] when top_k) for all B rows, zeros on unrouted rows,
+  def score(self, tokens_BxT, mask_BxT, rows: np.ndarray, *, out_sharding=None):
+    """Scores `rows` of the batch on the server; returns {'logprobs' [B, T]} (plus
+    'top_logprobs' / 'top_ids' [B, T, K] when top_k) for all B rows, zeros on unrouted rows,
     batch-sharded on `out_sharding`'s mesh (else this teacher's mesh), or None when no row is
     routed here. Blocks until the server has answered. The caller counts tokens_scored."""
     rows = np.asarray(rows, np.int64)
@@ -280,7 +280,7 @@ class RemoteTeacher:
     from opd_jax import sharding as shd
     # With several processes every host posts every routed row: correct, but the server
     # then scores each row once per host.
-    tokens, mask = shd.to_host(tokens_BxL), shd.to_host(mask_BxL).astype(bool)
+    tokens, mask = shd.to_host(tokens_BxT), shd.to_host(mask_BxT).astype(bool)
     b, l = tokens.shape
     positions = {int(r): np.nonzero(mask[r])[0] for r in rows}
     posted = [r for r, p in positions.items() if len(p)]  # a row with no tokens scores 0

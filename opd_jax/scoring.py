@@ -52,7 +52,7 @@ def map_vocab_chunks(hidden_BxTxD, unembed_VxD, fn: Callable[..., Any], extras=N
   n = -(-t // c)
   pad = n * c - t
 
-  def to_chunks(x):  # [B, T, ...] -> [N, B, C, ...]
+  def to_chunks(x):  # [B, T, ...] -> [W, B, C, ...]
     x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
     return jnp.moveaxis(x.reshape((b, n, c) + x.shape[2:]), 1, 0)
 

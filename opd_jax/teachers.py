@@ -1,6 +1,7 @@
 """Teacher roles: frozen models that score the student's samples, routed by data tag.
 
-Legend: B rows of the batch, L = prompt + response positions, J teachers, K top-k.
+Legend (docs/design.md §7): B rows of the batch, T = prompt + response positions, J teachers,
+K top-k.
 
 A teacher scores only the rows routed to it: the rows are gathered (padded up to a batch
 bucket so few shapes compile), scored, and scattered back; other rows get logprob 0 and
@@ -130,23 +131,23 @@ class LocalTeacher:
     self.tokens_scored = 0
     self.rows_forwarded = 0
 
-  def score(self, tokens_BxL, mask_BxL, rows: np.ndarray, *, out_sharding=None):
-    """Scores `rows` of the (device) batch; returns {'logprobs' [B, L], ...} for all B rows
+  def score(self, tokens_BxT, mask_BxT, rows: np.ndarray, *, out_sharding=None):
+    """Scores `rows` of the (device) batch; returns {'logprobs' [B, T], ...} for all B rows
     (zeros on unrouted rows) with `out_sharding`, or None when no row is routed here.
     Does not block. The caller adds the routed rows' real tokens to `tokens_scored`."""
-    b = tokens_BxL.shape[0]
+    b = tokens_BxT.shape[0]
     rows = np.asarray(rows, np.int64)
     if len(rows) == 0:
       return None
     mult = shd.batch_size_multiple(self.mesh)
     full = len(rows) == b and np.array_equal(rows, np.arange(b)) and b % mult == 0
     if full:
-      sub_tokens, sub_mask = tokens_BxL, mask_BxL
+      sub_tokens, sub_mask = tokens_BxT, mask_BxT
     else:
       n = batch_bucket(len(rows), mult)
       idx = np.concatenate([rows, np.full(n - len(rows), rows[0])])  # pad with a real row
-      sub_tokens = jnp.take(tokens_BxL, jnp.asarray(idx), axis=0)
-      sub_mask = jnp.take(mask_BxL, jnp.asarray(idx), axis=0)
+      sub_tokens = jnp.take(tokens_BxT, jnp.asarray(idx), axis=0)
+      sub_mask = jnp.take(mask_BxT, jnp.asarray(idx), axis=0)
     sharding = NamedSharding(self.mesh, shd.batch_spec(2))
     sub_tokens, sub_mask = jax.device_put((sub_tokens, sub_mask), sharding)
     with jax.set_mesh(self.mesh):
@@ -177,25 +178,25 @@ def _scatter_fn(b: int, mesh, ndims):
   return jax.jit(scatter, out_shardings={k: shd.rows_sharding(mesh, b, nd) for k, nd in ndims})
 
 
-def score_teachers(teachers, tokens_BxL, mask_BxL, route_BxJ: np.ndarray, *,
-                   host_mask_BxL: np.ndarray | None = None, out_sharding=None,
+def score_teachers(teachers, tokens_BxT, mask_BxT, route_BxJ: np.ndarray, *,
+                   host_mask_BxT: np.ndarray | None = None, out_sharding=None,
                    count: bool = True):
   """Scores the batch with every teacher on its routed rows.
 
-  Returns (t_JxBxL logprobs, {teacher: top-k dict or None}) on the student's sharding.
+  Returns (t_JxBxT logprobs, {teacher: top-k dict or None}) on the student's sharding.
   With `count`, each teacher's `tokens_scored` grows by the real tokens of its routed rows
-  (from `host_mask_BxL` when given, else summed on device).
+  (from `host_mask_BxT` when given, else summed on device).
   In-process teachers are dispatched first (they run concurrently on disjoint devices),
   then remote ones (whose HTTP requests are concurrent among themselves).
   """
-  b, l = tokens_BxL.shape
+  b, l = tokens_BxT.shape
   outs = {}
   for j, t in enumerate(teachers):
     rows = np.nonzero(route_BxJ[:, j])[0]
     if count and len(rows):
-      t.tokens_scored += int(host_mask_BxL[rows].sum() if host_mask_BxL is not None
-                             else jnp.sum(jnp.take(mask_BxL, jnp.asarray(rows), axis=0)))
-    outs[t.name] = t.score(tokens_BxL, mask_BxL, rows, out_sharding=out_sharding)
+      t.tokens_scored += int(host_mask_BxT[rows].sum() if host_mask_BxT is not None
+                             else jnp.sum(jnp.take(mask_BxT, jnp.asarray(rows), axis=0)))
+    outs[t.name] = t.score(tokens_BxT, mask_BxT, rows, out_sharding=out_sharding)
   logprobs, extra = [], {}
   for t in teachers:
     o = outs[t.name]

@@ -254,7 +254,7 @@ def opd_batch(loop: Loop, state, key) -> tuple[UpdateBatch, dict]:
   route = route_matrix(tags, r.specs)
   host_attn = np.asarray(attn) if jax.process_count() == 1 else None
   scored_before = sum(t.tokens_scored for t in r.teachers)
-  t_JxBxT, extras = score_teachers(r.teachers, tokens, attn, route, host_mask_BxL=host_attn,
+  t_JxBxT, extras = score_teachers(r.teachers, tokens, attn, route, host_mask_BxT=host_attn,
                                    out_sharding=tokens.sharding)
   ref = None
   if r.reference is not None:

@@ -1,6 +1,7 @@
 """The student's train state, optimizer and jitted update step.
 
-Legend: B sequences (the update batch), M micro-batches, L = prompt + response positions,
+Legend (docs/design.md §7): B sequences (the update batch), M micro-batches, T = prompt +
+response positions, C positions per vocabulary chunk,
 K teacher top-k entries.
 
 One update consumes a batch of whole sequences (prompt + response) with per-position
@@ -257,8 +258,8 @@ def make_update_fn(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, sch
   the step is also traced under their mesh, so the model's activation constraints
   (sharding.constrain) apply whatever mesh context the caller has or lacks.
 
-  `batch` holds [B, L] arrays: tokens, attention_mask, loss_mask, and for 'pg'
-  behaviour_logprobs and advantages (plus teacher_top_ids / teacher_top_logprobs [B, L, K]
+  `batch` holds [B, T] arrays: tokens, attention_mask, loss_mask, and for 'pg'
+  behaviour_logprobs and advantages (plus teacher_top_ids / teacher_top_logprobs [B, T, K]
   for a full-vocabulary term). B must be divisible by `micro_batches`.
   """
   def update(state, batch: UpdateBatch):

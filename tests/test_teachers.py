@@ -59,7 +59,7 @@ def test_each_teacher_scores_only_its_rows(teachers):
   tokens, mask, lmask = _batch()
   route = route_matrix(TAGS, SPECS)
   dev_tokens, dev_mask = shd.shard_batch((tokens, mask), mesh)
-  t, _ = score_teachers(ts, dev_tokens, dev_mask, route, host_mask_BxL=mask,
+  t, _ = score_teachers(ts, dev_tokens, dev_mask, route, host_mask_BxT=mask,
                         out_sharding=dev_tokens.sharding)
   t = np.asarray(t)
   for j, teacher in enumerate(ts):
@@ -87,7 +87,7 @@ def test_advantage_routing_and_unrouted_records(teachers):
   tokens, mask, lmask = _batch()
   route = route_matrix(TAGS, SPECS[:2])  # drop the general teacher: 'general'/'poetry' unrouted
   dev = shd.shard_batch((tokens, mask), mesh)
-  t, _ = score_teachers(ts[:2], *dev, route, host_mask_BxL=mask, out_sharding=dev[0].sharding)
+  t, _ = score_teachers(ts[:2], *dev, route, host_mask_BxT=mask, out_sharding=dev[0].sharding)
   s_b = jnp.asarray(np.random.RandomState(1).randn(8, 20).astype(np.float32) - 2) * lmask
   coef = jnp.asarray([1.0, 0.5])
   adv, kl_sum, kl_cnt = steps.advantages(s_b, t, None, coef, jnp.asarray(route),

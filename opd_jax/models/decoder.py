@@ -2,7 +2,7 @@
 
 Dimension legend (used in names and einsum strings):
   B batch, T query positions, S key positions (cache slots), D hidden, F MLP hidden,
-  H query heads, K key/value heads, G = H // K (queries per kv head), E head dim,
+  H query heads, Hk key/value heads, R = H // Hk (queries per kv head), E head dim,
   V vocabulary, L layers.
 
 Parameters carry Hugging Face's names and layouts (`weight` of a linear layer is
@@ -10,7 +10,7 @@ Parameters carry Hugging Face's names and layouts (`weight` of a linear layer is
 The L decoder layers are one vmapped `Block` with stacked parameters ([L, ...] leading
 axis), run with `lax.scan`, so compile time does not grow with depth.
 
-The KV cache is a dict of two lists of L arrays [B, S, K, E], one per layer. A cached call
+The KV cache is a dict of two lists of L arrays [B, S, Hk, E], one per layer. A cached call
 writes the new keys and values at slots [start, start + T) and lets query t attend to slots
 <= start + t whose `kv_mask` is set; slot order is time order (the sampler left-pads
 prompts).
@@ -75,12 +75,12 @@ def rope_cos_sin(cfg: ModelConfig, positions_BxT):
   return jnp.cos(emb), jnp.sin(emb)
 
 
-def apply_rope(x_BxTxNxE, cos_BxTxE, sin_BxTxE):
-  half = x_BxTxNxE.shape[-1] // 2
-  x32 = x_BxTxNxE.astype(jnp.float32)
+def apply_rope(x_BxTxHxE, cos_BxTxE, sin_BxTxE):
+  half = x_BxTxHxE.shape[-1] // 2
+  x32 = x_BxTxHxE.astype(jnp.float32)
   rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
   out = x32 * cos_BxTxE[:, :, None, :] + rotated * sin_BxTxE[:, :, None, :]
-  return out.astype(x_BxTxNxE.dtype)
+  return out.astype(x_BxTxHxE.dtype)
 
 
 class Attention(nnx.Module):
@@ -99,8 +99,8 @@ class Attention(nnx.Module):
 
   def __call__(self, x_BxTxD, cos, sin, *, kv_mask_BxS, q_slot_T, cache_kv=None,
                start=None, fused_qkv=None):
-    """Returns (out [B, T, D], the updated (k, v) cache arrays [B, S, K, E]), or without a
-    cache (out, this call's new (k, v) [B, T, K, E]).
+    """Returns (out [B, T, D], the updated (k, v) cache arrays [B, S, Hk, E]), or without a
+    cache (out, this call's new (k, v) [B, T, Hk, E]).
 
     `fused_qkv` (a Linear-like dict from Decoder.split_layers) computes q, k and v with one
     matmul instead of three (the sampler's decode step, where each call's fixed cost counts).
@@ -135,13 +135,13 @@ class Attention(nnx.Module):
       k, v = cache_k.astype(q.dtype), cache_v.astype(q.dtype)
     s = k.shape[1]
 
-    q_BxTxKxGxE = q.reshape(b, t, k_heads, g, e)
+    q_BxTxHkxRxE = q.reshape(b, t, k_heads, g, e)
     if t == 1 and jax.default_backend() == 'cpu':
-      out = _attend_one_token(q_BxTxKxGxE, k, v, kv_mask_BxS, q_slot_T)
+      out = _attend_one_token(q_BxTxHkxRxE, k, v, kv_mask_BxS, q_slot_T)
     elif t > QUERY_BLOCK and t % QUERY_BLOCK == 0:
-      out = _attend_blocked(q_BxTxKxGxE, k, v, kv_mask_BxS, q_slot_T, QUERY_BLOCK)
+      out = _attend_blocked(q_BxTxHkxRxE, k, v, kv_mask_BxS, q_slot_T, QUERY_BLOCK)
     else:
-      out = _attend(q_BxTxKxGxE, k, v, kv_mask_BxS, q_slot_T)
+      out = _attend(q_BxTxHkxRxE, k, v, kv_mask_BxS, q_slot_T)
     # Without a cache, the new keys and values (a prefill collects them for its cache).
     return self.o_proj(out.reshape(b, t, cfg.num_heads * e)), (
         cache_kv if cache_kv is not None else (k, v))
@@ -154,46 +154,46 @@ class Attention(nnx.Module):
 QUERY_BLOCK = 512
 
 
-def _attend(q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, kv_mask_BxS, q_slot_T):
-  """Causal grouped-query attention: [B, T, K, G, E] (query t sees slots <= q_slot_T[t])."""
-  e = q_BxTxKxGxE.shape[-1]
-  s = k_BxSxKxE.shape[1]
-  scores = jnp.einsum('btkge,bske->bkgts', q_BxTxKxGxE, k_BxSxKxE,
+def _attend(q_BxTxHkxRxE, k_BxSxHkxE, v_BxSxHkxE, kv_mask_BxS, q_slot_T):
+  """Causal grouped-query attention: [B, T, Hk, R, E] (query t sees slots <= q_slot_T[t])."""
+  e = q_BxTxHkxRxE.shape[-1]
+  s = k_BxSxHkxE.shape[1]
+  scores = jnp.einsum('bthre,bshe->bhrts', q_BxTxHkxRxE, k_BxSxHkxE,
                       preferred_element_type=jnp.float32) * (e ** -0.5)
   allowed_BxTxS = ((jnp.arange(s)[None, None, :] <= q_slot_T[None, :, None])
                    & kv_mask_BxS[:, None, :].astype(bool))
   scores = jnp.where(allowed_BxTxS[:, None, None], scores, _NEG_INF)
-  probs = jax.nn.softmax(scores, axis=-1).astype(v_BxSxKxE.dtype)
-  return jnp.einsum('bkgts,bske->btkge', probs, v_BxSxKxE)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v_BxSxHkxE.dtype)
+  return jnp.einsum('bhrts,bshe->bthre', probs, v_BxSxHkxE)
 
 
-def _attend_blocked(q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, kv_mask_BxS, q_slot_T, block):
+def _attend_blocked(q_BxTxHkxRxE, k_BxSxHkxE, v_BxSxHkxE, kv_mask_BxS, q_slot_T, block):
   """`_attend` over query blocks of `block` positions (lax.map; each block rematerialised)."""
-  b, t = q_BxTxKxGxE.shape[:2]
+  b, t = q_BxTxHkxRxE.shape[:2]
   n = t // block
-  q_NxBxCxKxGxE = jnp.moveaxis(q_BxTxKxGxE.reshape(b, n, block, *q_BxTxKxGxE.shape[2:]), 1, 0)
+  q_WxBxCxHkxRxE = jnp.moveaxis(q_BxTxHkxRxE.reshape(b, n, block, *q_BxTxHkxRxE.shape[2:]), 1, 0)
 
   @jax.checkpoint
   def one(xs):
-    q_BxCxKxGxE, slot_C = xs
-    return _attend(q_BxCxKxGxE, k_BxSxKxE, v_BxSxKxE, kv_mask_BxS, slot_C)
+    q_BxCxHkxRxE, slot_C = xs
+    return _attend(q_BxCxHkxRxE, k_BxSxHkxE, v_BxSxHkxE, kv_mask_BxS, slot_C)
 
-  out_NxBxCxKxGxE = jax.lax.map(one, (q_NxBxCxKxGxE, q_slot_T.reshape(n, block)))
-  return jnp.moveaxis(out_NxBxCxKxGxE, 0, 1).reshape(q_BxTxKxGxE.shape)
+  out_WxBxCxHkxRxE = jax.lax.map(one, (q_WxBxCxHkxRxE, q_slot_T.reshape(n, block)))
+  return jnp.moveaxis(out_WxBxCxHkxRxE, 0, 1).reshape(q_BxTxHkxRxE.shape)
 
 
-def _attend_one_token(q_Bx1xKxGxE, k_BxSxKxE, v_BxSxKxE, kv_mask_BxS, q_slot_T):
+def _attend_one_token(q_Bx1xHkxRxE, k_BxSxHkxE, v_BxSxHkxE, kv_mask_BxS, q_slot_T):
   """`_attend` for one query token on XLA:CPU: a batched dot is a library call with ~0.1 ms
   of fixed cost (and a transposed copy of the cache); a multiply-reduce fuses into one loop."""
-  e = q_Bx1xKxGxE.shape[-1]
-  s = k_BxSxKxE.shape[1]
-  scores_BxSxKxG = jnp.sum(q_Bx1xKxGxE[:, 0, None].astype(jnp.float32)
-                           * k_BxSxKxE[:, :, :, None].astype(jnp.float32), axis=-1) * (e ** -0.5)
+  e = q_Bx1xHkxRxE.shape[-1]
+  s = k_BxSxHkxE.shape[1]
+  scores_BxSxHkxR = jnp.sum(q_Bx1xHkxRxE[:, 0, None].astype(jnp.float32)
+                           * k_BxSxHkxE[:, :, :, None].astype(jnp.float32), axis=-1) * (e ** -0.5)
   allowed_BxS = (jnp.arange(s)[None, :] <= q_slot_T[0]) & kv_mask_BxS.astype(bool)
-  scores_BxSxKxG = jnp.where(allowed_BxS[:, :, None, None], scores_BxSxKxG, _NEG_INF)
-  probs = jax.nn.softmax(scores_BxSxKxG, axis=1).astype(v_BxSxKxE.dtype)
-  out_BxKxGxE = jnp.sum(probs[..., None] * v_BxSxKxE[:, :, :, None], axis=1)
-  return out_BxKxGxE[:, None]
+  scores_BxSxHkxR = jnp.where(allowed_BxS[:, :, None, None], scores_BxSxHkxR, _NEG_INF)
+  probs = jax.nn.softmax(scores_BxSxHkxR, axis=1).astype(v_BxSxHkxE.dtype)
+  out_BxHkxRxE = jnp.sum(probs[..., None] * v_BxSxHkxE[:, :, :, None], axis=1)
+  return out_BxHkxRxE[:, None]
 
 
 class MLP(nnx.Module):
@@ -304,13 +304,13 @@ class Decoder(nnx.Module):
     """Final-norm hidden states [B, T, D] (model dtype) and the updated cache.
 
     Without a cache, `attention_mask` [B, T] marks real tokens (left or right padding).
-    With a cache (`init_cache`: dict k, v of L arrays [B, S, K, E]), the tokens occupy slots
+    With a cache (`init_cache`: dict k, v of L arrays [B, S, Hk, E]), the tokens occupy slots
     [start, start + T) and `kv_mask_BxS` marks the valid slots (including the ones being
     written). `unrolled` (from `split_layers()`) runs the layers as a Python loop over those
     per-layer parameters instead of a scan (compile time grows with L); a cached call needs
     it, except the prefill (start=0): that runs the T tokens uncached through the scan
     (compile time independent of depth), collects each layer's keys and values
-    ([L, B, T, K, E], T slots only) and writes them into the layers' cache arrays.
+    ([L, B, T, Hk, E], T slots only) and writes them into the layers' cache arrays.
     """
     b, t = input_ids_BxT.shape
     if cache is None:
@@ -382,7 +382,7 @@ class Decoder(nnx.Module):
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=jnp.float32):
-  """An empty KV cache {k, v}: lists of L arrays [B, S, K, E], one per layer, so each layer's
+  """An empty KV cache {k, v}: lists of L arrays [B, S, Hk, E], one per layer, so each layer's
   arrays are updated in place (a stacked [L, ...] cache costs a copy of the layer's slice
   per call on XLA:CPU)."""
   shape = (batch, length, cfg.num_kv_heads, cfg.head_dim)
