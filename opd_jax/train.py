@@ -301,6 +301,10 @@ def apply_update(loop: Loop, state, batch: UpdateBatch, step: int):
   for i in range(mini):
     part = jax.tree.map(lambda x: x[i * rows // mini:(i + 1) * rows // mini], batch)
     state, upd = r.update_fn(state, part)
+    if i == 0 and 'is/sampler_logprob_gap' in upd:  # only the first update is on-policy
+      gap = upd['is/sampler_logprob_gap']
+  if mini > 1 and 'is/sampler_logprob_gap' in upd:
+    upd = dict(upd, **{'is/sampler_logprob_gap': gap})
   loss, grad_norm = float(upd['loss']), float(upd['grad_norm'])
   t_update = time.time() - t0
   if not (math.isfinite(loss) and math.isfinite(grad_norm)):

@@ -233,7 +233,11 @@ def _loss_terms(params, graphdef, batch: UpdateBatch, spec: LossSpec):
         s, batch.behaviour_logprobs, batch.advantages, lmask, clip_eps=spec.clip_eps,
         clip_eps_high=spec.clip_eps_high, ratio_level=spec.ratio_level)
     ratio = jax.lax.stop_gradient(is_stats['ratio_BxT'])
-    stats.update({'is/ratio_mean': mean(ratio),
+    # The train-inference gap: |s − s_b| before any step on this batch is the sampler's
+    # numerical disagreement with the update (precision, kernels), not policy change.
+    gap = jnp.abs(jax.lax.stop_gradient(s) - batch.behaviour_logprobs)
+    stats.update({'is/sampler_logprob_gap': mean(jnp.where(jnp.isfinite(gap), gap, 0.0)),
+                  'is/ratio_mean': mean(ratio),
                   'is/ratio_max': Max(jnp.max(jnp.where(m > 0, ratio, -jnp.inf))),
                   'is/ratio_min': Min(jnp.min(jnp.where(m > 0, ratio, jnp.inf))),
                   'is/clip_frac': mean(is_stats['clipped_BxT'])})

@@ -107,12 +107,15 @@ def test_single_teacher_runlocal_logs_everything(single_teacher_run):
               'is/ratio_mean', 'is/ratio_max', 'is/clip_frac', 'policy/entropy',
               'rollout/response_len', 'eval/accuracy', 'eval/accuracy/math',
               'eval/reverse_kl', 'perf/tokens_per_s/rollout', 'perf/tokens_per_s/scoring',
-              'perf/tokens_per_s/update', 'eval/samples']:
+              'perf/tokens_per_s/update', 'eval/samples', 'is/sampler_logprob_gap',
+              'opd/reverse_kl_k3', 'compute/flops/total', 'compute/flops/rollout',
+              'compute/flops/scoring/teacher', 'compute/flops/update']:
     assert tag in events, (tag, sorted(events))
   assert [s for s, _ in events['loss']] == [1, 2]
   # On-policy with one optimizer step per batch, the importance ratio is exactly 1 and the
   # plain-IS loss equals the mean k1 reverse KL.
   np.testing.assert_allclose([v for _, v in events['is/ratio_mean']], 1.0, atol=1e-5)
+  assert all(v < 1e-4 for _, v in events['is/sampler_logprob_gap'])  # fp32 sampler
   np.testing.assert_allclose([v for _, v in events['loss']],
                              [v for _, v in events['opd/reverse_kl']], rtol=1e-4, atol=1e-5)
   assert 'ground truth' in events['eval/samples'][0][1]
