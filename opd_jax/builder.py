@@ -81,6 +81,9 @@ def validate(config, mesh=None) -> None:
         'as the OPD advantage. k3 is an unbiased estimate of the KL value, but as a reward '
         'its policy gradient is that of KL(pi||q) - KL(q||pi), not of the reverse KL; '
         'runs report it as the metric opd/reverse_kl_k3')
+  if ro.slots < 0:
+    raise ConfigError(f'config.rollout.slots={ro.slots}: the number of rows decoded at once '
+                      'must be >= 0 (0: static batching)')
   if config.loss.full_vocab and config.loss.full_vocab_top_k < 1:
     raise ConfigError(f'config.loss.full_vocab_top_k={config.loss.full_vocab_top_k}: the top-k '
                       f'distillation term needs k >= 1')
@@ -443,7 +446,8 @@ def build_run(config, mesh, *, tokenizer=None, abstract: bool = False, devices=N
       hf.get('pad_token_id') or 0)
   # The rollout runs on parameters cast to the compute dtype; its KV cache takes that dtype.
   sampler = Sampler(graphdef, mesh=mesh, pad_id=pad_id,
-                    cache_dtype=jnp.dtype(config.student.compute_dtype))
+                    cache_dtype=jnp.dtype(config.student.compute_dtype),
+                    slots=int(config.rollout.slots) or None)
   teacher_sampler = teacher_sp = None
   if config.mode == 'sft' and config.sft.source == 'teacher':
     t0 = teachers[0]

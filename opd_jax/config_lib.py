@@ -68,6 +68,7 @@ def base_config() -> ConfigDict:
       top_k=0,
       top_p=1.0,
       stop_tokens=[],            # extra stop token strings (EOS ids are always stops)
+      slots=0,                   # continuous batching: rows decoded at once (0: static)
   ))
 
   c.loss = ConfigDict(dict(

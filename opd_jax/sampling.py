@@ -10,6 +10,12 @@ stay per-row (the count of real tokens before it). The cache (one k and one v ar
 donated to `decode` (layers unrolled), whose loop updates each layer's arrays in place; no
 Python runs per token.
 
+Draws. Request r (its index in the prompt list; on several processes, its global row) draws
+its response step i with the key fold_in(fold_in(call key, r), i) and its own Gumbel noise
+(one draw per row), so what it samples depends only on its key and its prompt, never on the
+batch around it: the continuous-batching sampler (`opd_jax.continuous`, `Sampler(...,
+slots=R)`) returns the same tokens and logprobs as this static one.
+
 Behaviour logprobs. `logprobs[:, i]` is the log-probability of the sampled token under the
 exact distribution it was drawn from, the policy of `opd_jax.policy` (tempered, then top-k,
 then top-p, renormalised over what is kept). The update differentiates the same policy, so on
@@ -135,17 +141,47 @@ def _argmax(x):
   return jnp.minimum(jnp.min(jnp.where(x == top, iota, x.shape[-1]), axis=-1), x.shape[-1] - 1)
 
 
-def _select(logits_BxV, key, sp: SamplingParams):
-  """Draws one token per row; returns (token [B], logprob under the drawn-from dist [B])."""
+def row_keys(key, request_B, step_B):
+  """Per-row draw keys fold_in(fold_in(key, request), step) [B] (request, step int [B])."""
+  fold = jax.vmap(jax.random.fold_in, in_axes=(None, 0))
+  return jax.vmap(jax.random.fold_in)(fold(key, request_B.astype(jnp.uint32)),
+                                      step_B.astype(jnp.uint32))
+
+
+def _select(logits_BxV, keys_B, sp: SamplingParams):
+  """Draws one token per row, row b with its own key `keys_B[b]`; returns (token [B],
+  logprob under the drawn-from distribution [B])."""
   if sp.temperature == 0.0:
     token = _argmax(logits_BxV)
     logp = jax.nn.log_softmax(logits_BxV, axis=-1)
     return token, jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0]
   x = policy_lib.truncate(logits_BxV / sp.temperature, sp.top_k, sp.top_p)
-  # Gumbel-max, as jax.random.categorical does (same draws, same first-index tie rule).
-  token = _argmax(x + jax.random.gumbel(key, x.shape, jnp.float32))
+  # Gumbel-max, as jax.random.categorical does (same first-index tie rule); each row's noise
+  # comes from its own key, so a row's draw does not depend on the others.
+  noise = jax.vmap(lambda k: jax.random.gumbel(k, x.shape[-1:], jnp.float32))(keys_B)
+  token = _argmax(x + noise)
   logp = jax.nn.log_softmax(x, axis=-1)
   return token, jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0]
+
+
+@dataclasses.dataclass
+class DecodeState:
+  """The decode loop's carry. `step`: loop iterations so far (the static sampler writes
+  every row's response step `step` at cache slot P + step; the continuous one uses it as
+  the shared cache write slot). cache: {'k', 'v'}: L arrays [B, S, K, E]; done [B]; logits
+  [B, V] (of each row's last token); tokens / mask / logps [B, N] (the responses so far)."""
+  step: jax.Array
+  cache: dict
+  done: jax.Array
+  logits: jax.Array
+  tokens: jax.Array
+  mask: jax.Array
+  logps: jax.Array
+
+
+jax.tree_util.register_dataclass(
+    DecodeState, data_fields=['step', 'cache', 'done', 'logits', 'tokens', 'mask', 'logps'],
+    meta_fields=[])
 
 
 def _cache_spec():
@@ -170,7 +206,7 @@ def _prefill(graphdef, params, prompt_ids_BxP, prompt_mask_BxP, *, max_new_token
 
 
 def _decode(graphdef, params, cache, logits_BxV, prompt_mask_BxP, done_B, key, *,
-            sp: SamplingParams, pad_id: int):
+            sp: SamplingParams, pad_id: int, logits_fn=None):
   model = nnx.merge(graphdef, params)
   # Sliced (and q/k/v, gate/up fused unless 'tensor' splits them) once, outside the loop.
   fuse = shd.mesh_axis_size('tensor') == 1
@@ -180,31 +216,35 @@ def _decode(graphdef, params, cache, logits_BxV, prompt_mask_BxP, done_B, key, *
   kv_mask_BxS = jnp.concatenate([prompt_mask_BxP, jnp.ones((b, n), prompt_mask_BxP.dtype)], 1)
   prompt_len_B = prompt_mask_BxP.sum(axis=-1)
   stop_ids = jnp.asarray(sp.stop_ids or (-1,), jnp.int32)
+  request_B = jnp.arange(b, dtype=jnp.int32)  # row r is request r
 
-  def cond(state):
-    step, done = state[0], state[2]
-    return (step < n) & ~jnp.all(done)
+  def cond(st: DecodeState):
+    return (st.step < n) & ~jnp.all(st.done)
 
-  def body(state):
-    step, cache, done, logits, tokens, mask, logps = state
-    token, logp = _select(logits, jax.random.fold_in(key, step), sp)
-    token = jnp.where(done, pad_id, token).astype(jnp.int32)
-    live = ~done
-    tokens = jax.lax.dynamic_update_slice(tokens, token[:, None], (0, step))
-    mask = jax.lax.dynamic_update_slice(mask, live[:, None].astype(jnp.int32), (0, step))
-    logps = jax.lax.dynamic_update_slice(logps, jnp.where(live, logp, 0.0)[:, None], (0, step))
-    done = done | jnp.isin(token, stop_ids)
-    hidden, cache = model.hidden(token[:, None], positions_BxT=(prompt_len_B + step)[:, None],
-                                 cache=cache, kv_mask_BxS=kv_mask_BxS, start=p + step,
+  def body(st: DecodeState):
+    logits = st.logits if logits_fn is None else logits_fn(st.logits)
+    keys = row_keys(key, request_B, jnp.broadcast_to(st.step, (b,)))
+    token, logp = _select(logits, keys, sp)
+    token = jnp.where(st.done, pad_id, token).astype(jnp.int32)
+    live = ~st.done
+    tokens = jax.lax.dynamic_update_slice(st.tokens, token[:, None], (0, st.step))
+    mask = jax.lax.dynamic_update_slice(st.mask, live[:, None].astype(jnp.int32), (0, st.step))
+    logps = jax.lax.dynamic_update_slice(st.logps, jnp.where(live, logp, 0.0)[:, None],
+                                         (0, st.step))
+    done = st.done | jnp.isin(token, stop_ids)
+    hidden, cache = model.hidden(token[:, None],
+                                 positions_BxT=(prompt_len_B + st.step)[:, None],
+                                 cache=st.cache, kv_mask_BxS=kv_mask_BxS, start=p + st.step,
                                  unrolled=layers)
-    logits = model.logits(hidden)[:, 0]
-    return step + 1, cache, done, logits, tokens, mask, logps
+    return DecodeState(st.step + 1, cache, done, model.logits(hidden)[:, 0], tokens, mask,
+                       logps)
 
-  init = (jnp.int32(0), cache, done_B, logits_BxV, jnp.full((b, n), pad_id, jnp.int32),
-          jnp.zeros((b, n), jnp.int32), jnp.zeros((b, n), jnp.float32))
-  steps, cache, _, _, tokens, mask, logps = jax.lax.while_loop(cond, body, init)
+  init = DecodeState(jnp.int32(0), cache, done_B, logits_BxV,
+                     jnp.full((b, n), pad_id, jnp.int32), jnp.zeros((b, n), jnp.int32),
+                     jnp.zeros((b, n), jnp.float32))
+  out = jax.lax.while_loop(cond, body, init)
   # Returning the cache lets XLA alias it to the donated input: the loop runs in place.
-  return tokens, mask, logps, steps, cache
+  return out.tokens, out.mask, out.logps, out.step, out.cache
 
 
 class Sampler:
@@ -217,20 +257,39 @@ class Sampler:
   `prompts` is a list of token-id lists, or a pair (ids [B, P], mask [B, P]) already
   left-padded. With a mesh, rows are split over the data axes and the cache's kv heads over
   'tensor'; parameters keep whatever sharding they were created with.
+
+  `slots` R (None or 0: off) turns on continuous batching (`opd_jax.continuous`): R cache
+  rows decode at once and a row that stops takes the next pending prompt; same draws and
+  the same Rollout layout as without it. It is used when there are more prompts than slots
+  on one process; otherwise (or on several processes) the static path runs, which draws the
+  same samples. `refill_min` (default max(1, R // 8)) and `cache_slack` (default 32) tune it
+  (see opd_jax/continuous.py). `logits_fn` (benchmarks and tests only, never training)
+  transforms each step's logits [B, V] before the policy.
   """
 
   def __init__(self, graphdef: nnx.GraphDef, *, mesh: jax.sharding.Mesh | None = None,
                pad_id: int = 0, prompt_buckets: Sequence[int] = DEFAULT_PROMPT_BUCKETS,
-               cache_dtype=None):
+               cache_dtype=None, slots: int | None = None, refill_min: int | None = None,
+               cache_slack: int | None = None, logits_fn=None):
     self.graphdef = graphdef
     self.mesh = mesh
     self.pad_id = int(pad_id)
     self.prompt_buckets = tuple(sorted(prompt_buckets))
     self._prefill = jax.jit(functools.partial(_prefill, graphdef), static_argnames=(
         'max_new_tokens', 'cache_dtype'))
-    self._decode = jax.jit(functools.partial(_decode, graphdef),
+    self._decode = jax.jit(functools.partial(_decode, graphdef, logits_fn=logits_fn),
                            static_argnames=('sp', 'pad_id'), donate_argnums=(1,))
     self.cache_dtype = cache_dtype
+    self.slots = int(slots or 0)
+    if self.slots < 0:
+      raise ValueError(f'slots must be >= 0 (0 or None: static batching), got {slots}')
+    self.continuous = None
+    if self.slots:
+      from opd_jax.continuous import ContinuousBatcher
+      self.continuous = ContinuousBatcher(graphdef, slots=self.slots, mesh=mesh,
+                                          pad_id=self.pad_id, cache_dtype=cache_dtype,
+                                          refill_min=refill_min, cache_slack=cache_slack,
+                                          logits_fn=logits_fn)
 
   def compiled_variants(self) -> int:
     """How many shapes the prefill has been compiled for (bucketing keeps this small)."""
@@ -243,14 +302,12 @@ class Sampler:
       return shd.shard_local_batch(x, self.mesh)
     return shd.shard_batch(x, self.mesh)
 
-  def __call__(self, params, prompts, key, sp: SamplingParams) -> Rollout:
-    """Samples one response per prompt.
+  def _batch_multiple(self) -> int:
+    pcount = jax.process_count()
+    return 1 if self.mesh is None else max(1, shd.batch_size_multiple(self.mesh) // pcount)
 
-    On several processes each passes its own prompts (the same number on every process);
-    the returned arrays are global, with each process's rows contiguous, and when rows had
-    to be padded up to a bucket the padding stays in place (finished, all-zero masks):
-    read this process's rows with `rollout.host_rows(x)`.
-    """
+  def _host_prompts(self, prompts):
+    """(ids [B, P], mask [B, P]) int32 host arrays, left-padded to the prompt bucket."""
     pcount = jax.process_count()
     if isinstance(prompts, tuple):
       ids, mask = (np.asarray(x) for x in prompts)
@@ -277,7 +334,20 @@ class Sampler:
       ids, mask = left_pad(prompts, p, self.pad_id)
     if np.any(mask.sum(-1) == 0):
       raise ValueError(f'prompt rows {np.nonzero(mask.sum(-1) == 0)[0].tolist()} are empty')
-    mult = 1 if self.mesh is None else max(1, shd.batch_size_multiple(self.mesh) // pcount)
+    return ids.astype(np.int32), mask.astype(np.int32)
+
+  def __call__(self, params, prompts, key, sp: SamplingParams) -> Rollout:
+    """Samples one response per prompt.
+
+    On several processes each passes its own prompts (the same number on every process);
+    the returned arrays are global, with each process's rows contiguous, and when rows had
+    to be padded up to a bucket the padding stays in place (finished, all-zero masks):
+    read this process's rows with `rollout.host_rows(x)`.
+    """
+    pcount = jax.process_count()
+    ids, mask = self._host_prompts(prompts)
+    b = ids.shape[0]
+    mult = self._batch_multiple()
     bb = batch_bucket(b, mult)
     done = np.zeros((bb,), bool)
     if bb != b:  # padded rows hold one pad token and start finished
@@ -286,13 +356,20 @@ class Sampler:
       extra[:, -1] = 1
       mask = np.concatenate([mask, extra])
       done[b:] = True
-    ids, mask, done = (self._shard(x) for x in (ids.astype(np.int32), mask.astype(np.int32), done))
+    use_continuous = (self.continuous is not None and pcount == 1
+                      and b > self.continuous.num_slots(mult))
     ctx = jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
     with ctx:
-      cache, logits = self._prefill(params, ids, mask, max_new_tokens=sp.max_new_tokens,
-                                    cache_dtype=self.cache_dtype)
-      tokens, rmask, logps, steps, _ = self._decode(params, cache, logits, mask, done, key,
-                                                    sp=sp, pad_id=self.pad_id)
+      if use_continuous:
+        tokens, rmask, logps, steps = self.continuous.run(params, ids[:b], mask[:b], key, sp,
+                                                          rows=bb, multiple=mult)
+        ids, mask = (self._shard(x) for x in (ids, mask))
+      else:
+        ids, mask, done = (self._shard(x) for x in (ids, mask, done))
+        cache, logits = self._prefill(params, ids, mask, max_new_tokens=sp.max_new_tokens,
+                                      cache_dtype=self.cache_dtype)
+        tokens, rmask, logps, steps, _ = self._decode(params, cache, logits, mask, done, key,
+                                                      sp=sp, pad_id=self.pad_id)
     fields = (ids, mask, tokens, rmask, logps)
     if bb != b and pcount == 1:
       fields = tuple(x[:b] for x in fields)

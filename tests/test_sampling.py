@@ -1,5 +1,6 @@
 """The jitted sampler: logprob consistency with scoring, greedy parity with transformers,
-sampling statistics, truncation, stop tokens, bucketing and sharded determinism."""
+sampling statistics, per-request keys, truncation, stop tokens, bucketing and sharded
+determinism. (Continuous batching: tests/test_continuous.py.)"""
 
 import jax
 import jax.numpy as jnp
@@ -70,6 +71,25 @@ def test_first_token_distribution_matches_softmax(qwen3):
   assert 0.5 * np.abs(freq - probs).sum() < 0.06
   # and the reported logprob is the softmax's
   np.testing.assert_allclose(np.asarray(out.logprobs)[:, 0], np.log(probs[first]), atol=1e-4)
+
+
+def test_draws_use_per_request_keys(qwen3):
+  """Row r's first token is argmax(logits + Gumbel(fold_in(fold_in(key, r), 0))), so a row's
+  sample does not depend on the other rows (the continuous sampler relies on this)."""
+  model, _, params, sampler = qwen3
+  key = jax.random.key(9)
+  sp = SamplingParams(max_new_tokens=6)
+  out = sampler(params, PROMPTS, key, sp)
+  for r, prompt in enumerate(PROMPTS):
+    logits = np.asarray(model(jnp.asarray([prompt])))[0, -1]
+    g = np.asarray(jax.random.gumbel(jax.random.fold_in(jax.random.fold_in(key, r), 0),
+                                     logits.shape))
+    assert int(out.tokens[r, 0]) == int(np.argmax(logits + g)), r
+  other = sampler(params, [PROMPTS[0], [3, 4, 5], PROMPTS[2], [8] * 9], key, sp)
+  for r in (0, 2):
+    np.testing.assert_array_equal(np.asarray(other.tokens)[r], np.asarray(out.tokens)[r])
+    np.testing.assert_allclose(np.asarray(other.logprobs)[r], np.asarray(out.logprobs)[r],
+                               atol=1e-5)
 
 
 def test_top_k_and_top_p_truncation(qwen3):

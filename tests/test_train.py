@@ -259,6 +259,21 @@ def test_truncated_sampling_trains_on_policy(tmp_path):
   assert h['is/clip_frac'][0][1] == 0.0 and h['grad_norm'][0][1] > 0
 
 
+def test_continuous_batching_trains_like_static(tmp_path):
+  # Per-request keys make a request's draws independent of its slot: the trainer with 2
+  # slots sees the same rollouts, hence the same metrics, as with static batches.
+  base = dict(total_steps=2, eval__num_prompts=4, eval__batch_size=4, export__hf_dir='')
+  static = run(with_overrides(load_config('opd_single_teacher', 'runlocal'), **base),
+               str(tmp_path / 'static'))
+  cont = run(with_overrides(load_config('opd_single_teacher', 'runlocal'), rollout__slots=2,
+                            **base), str(tmp_path / 'continuous'))
+  for key in ('loss', 'opd/reverse_kl', 'rollout/response_len', 'grad_norm',
+              'compute/flops/total'):
+    for (s1, a), (s2, b) in zip(static['history'][key], cont['history'][key]):
+      assert s1 == s2 and a == pytest.approx(b, rel=1e-4, abs=1e-5), key
+  assert cont['final']['eval/accuracy'] == static['final']['eval/accuracy']
+
+
 def test_finished_run_reports_its_saved_results_and_flops(tmp_path):
   config = with_overrides(load_config('opd_single_teacher', 'runlocal'), total_steps=2,
                           eval__num_prompts=4, export__hf_dir='')
