@@ -58,8 +58,9 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from opd_jax import builder
 from opd_jax import sharding as shd
 from opd_jax.builder import ConfigError, ModelSource
-from opd_jax.sampling import DEFAULT_PROMPT_BUCKETS, SamplingParams, batch_bucket
-from opd_jax.sampling import bucket as prompt_bucket
+from opd_jax.buckets import DEFAULT_PROMPT_BUCKETS, batch_bucket
+from opd_jax.buckets import bucket as prompt_bucket
+from opd_jax.sampling import SamplingParams
 from opd_jax.teachers import LocalTeacher
 
 GiB = 2**30

@@ -41,10 +41,10 @@ import numpy as np
 from flax import nnx
 
 from opd_jax import policy as policy_lib
+from opd_jax.buckets import DEFAULT_PROMPT_BUCKETS, batch_bucket, bucket, left_pad
 from opd_jax import sharding as shd
 from opd_jax.models.decoder import init_cache
 
-DEFAULT_PROMPT_BUCKETS = tuple(2**i for i in range(4, 16))  # 16 ... 32768
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,33 +104,6 @@ class Rollout:
 jax.tree_util.register_dataclass(
     Rollout, data_fields=['prompt_ids', 'prompt_mask', 'tokens', 'mask', 'logprobs',
                           'decode_steps'], meta_fields=['host_count'])
-
-
-def bucket(n: int, buckets: Sequence[int]) -> int:
-  """The smallest bucket >= n (error if n exceeds the largest)."""
-  for b in sorted(buckets):
-    if b >= n:
-      return b
-  raise ValueError(f'length {n} exceeds the largest bucket {max(buckets)}')
-
-
-def batch_bucket(n: int, multiple: int = 1) -> int:
-  """The next power of two >= n that is also a multiple of `multiple`."""
-  b = 1 << max(0, (n - 1).bit_length())
-  return -(-b // multiple) * multiple
-
-
-def left_pad(prompts: Sequence[Sequence[int]], length: int, pad_id: int):
-  """Host-side left padding: (ids [B, length] int32, mask [B, length] int32)."""
-  ids = np.full((len(prompts), length), pad_id, np.int32)
-  mask = np.zeros((len(prompts), length), np.int32)
-  for i, p in enumerate(prompts):
-    if len(p) > length:
-      raise ValueError(f'prompt {i} has {len(p)} tokens, more than the {length} slots')
-    if len(p):
-      ids[i, length - len(p):] = p
-      mask[i, length - len(p):] = 1
-  return ids, mask
 
 
 def _argmax(x):

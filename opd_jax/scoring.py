@@ -117,7 +117,7 @@ def make_score_fn(graphdef: nnx.GraphDef, *, temperature: float = 1.0, top_k: in
                   micro_batches: int = 1):
   """A jitted `(params, tokens_BxT, mask_BxT) -> dict` for a frozen model (teacher,
   reference, or the student without gradients). Compiled once per (B, T) shape; callers
-  bucket their shapes (see `opd_jax.sampling.bucket`).
+  bucket their shapes (see `opd_jax.buckets`).
 
   `micro_batches` > 1 runs the forward on that many groups of rows one after another
   (`lax.map`), so activation memory is that of B / micro_batches rows; fewer groups are used

@@ -249,7 +249,7 @@ class ScoringEngine:
 
   def _split(self, group: list[_Job]):
     """Batches of similar length (sorted) within max_batch_size and max_batch_tokens."""
-    from opd_jax.sampling import bucket
+    from opd_jax.buckets import bucket
     group = sorted(group, key=lambda j: len(j.ids))
     batch = []
     for job in group:
@@ -274,7 +274,7 @@ class ScoringEngine:
     from jax.sharding import NamedSharding
 
     from opd_jax import sharding as shd
-    from opd_jax.sampling import batch_bucket, bucket
+    from opd_jax.buckets import batch_bucket, bucket
 
     t0 = time.perf_counter()
     n_rows = batch_bucket(len(batch), self.batch_multiple)

@@ -14,7 +14,8 @@ import numpy as np
 
 from opd_jax import losses
 from opd_jax import sharding as shd
-from opd_jax.sampling import Rollout, bucket, left_pad
+from opd_jax.buckets import bucket, left_pad
+from opd_jax.sampling import Rollout
 
 
 @jax.jit

@@ -30,7 +30,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from opd_jax import sharding as shd
 from opd_jax.models import load_pretrained
-from opd_jax.sampling import batch_bucket
+from opd_jax.buckets import batch_bucket
 from opd_jax.scoring import make_score_fn
 
 log = logging.getLogger(__name__)

@@ -34,7 +34,7 @@ from opd_jax.builder import (ConfigError, build_run, check_model_paths, check_re
 from opd_jax.checkpoint import Checkpointer, PreemptionFlag
 from opd_jax.metrics import MetricWriter
 from opd_jax.models import save_pretrained
-from opd_jax.sampling import DEFAULT_PROMPT_BUCKETS
+from opd_jax.buckets import DEFAULT_PROMPT_BUCKETS
 from opd_jax.teachers import route_matrix, score_teachers
 from opd_jax.update import UpdateBatch
 
