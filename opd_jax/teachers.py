@@ -190,6 +190,8 @@ def score_teachers(teachers, tokens_BxT, mask_BxT, route_BxJ: np.ndarray, *,
   then remote ones (whose HTTP requests are concurrent among themselves).
   """
   b, l = tokens_BxT.shape
+  if not teachers:  # pure RL: no teacher term
+    return jnp.zeros((0, b, l), jnp.float32), {}
   outs = {}
   for j, t in enumerate(teachers):
     rows = np.nonzero(route_BxJ[:, j])[0]

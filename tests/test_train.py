@@ -259,6 +259,17 @@ def test_truncated_sampling_trains_on_policy(tmp_path):
   assert h['is/clip_frac'][0][1] == 0.0 and h['grad_norm'][0][1] > 0
 
 
+def test_pure_rl_without_a_teacher(tmp_path):
+  config = with_overrides(load_config('opd_mixed_grpo', 'runlocal'), total_steps=1,
+                          rl__use_opd=False, eval__num_prompts=0, export__hf_dir='')
+  config.unlock()
+  config.teachers = {}
+  config.lock()
+  h = run(config, str(tmp_path))['history']
+  assert 'reward/mean' in h and not any(k.startswith('opd/') for k in h)
+  assert not any(k.startswith('compute/flops/scoring') for k in h)
+
+
 def test_continuous_batching_trains_like_static(tmp_path):
   # Per-request keys make a request's draws independent of its slot: the trainer with 2
   # slots sees the same rollouts, hence the same metrics, as with static batches.
