@@ -1,0 +1,1 @@
+"""Experiments that chain several ordinary trainer runs (each stage is `opd_jax.train.run`)."""

@@ -1,0 +1,60 @@
+"""The compute-efficiency experiment's pipeline (`--quick`, a few minutes on a CPU): every
+stage runs, the outputs exist, and the FLOP accounting adds up. Never asserts a result."""
+
+import json
+import os
+
+import pytest
+
+
+def test_chain_task_checker_and_splits(tmp_path):
+  from opd_jax.tasks import chain
+  assert chain.solve('7+5*3-9+4') == '7+5=2\n2*3=6\n6-9=7\n7+4=1\n#### 1'
+  assert chain.check('7+5=2\n#### 1', '7+5*3-9+4') and not chain.check('#### 2', '7+5*3-9+4')
+  paths = chain.write_dataset(str(tmp_path), n_train=300, n_val=20, n_eval=20, seed=0)
+  sets = {}
+  for name in ('train', 'val', 'eval'):
+    with open(paths[name]) as f:
+      recs = [json.loads(line) for line in f]
+    sets[name] = {r['prompt'] for r in recs}
+    for r in recs:
+      assert chain.check(r['response'], r['prompt']) and r['ground_truth'] == str(
+          chain.answer(r['prompt']))
+  assert not sets['train'] & sets['eval'] and not sets['train'] & sets['val']
+  assert not sets['val'] & sets['eval']
+
+
+def test_quick_pipeline_runs_and_flops_add_up(tmp_path, capsys):
+  from opd_jax.experiments import compute_efficiency as ce
+  summary = ce.run_experiment(str(tmp_path), seed=0, quick=True)
+  out = capsys.readouterr().out.rstrip().splitlines()
+  assert any(line.startswith('| OPD (pure) |') for line in out[-8:])
+  for f in ('results.md', 'results.json', 'accuracy_vs_flops.png'):
+    assert os.path.exists(tmp_path / f), f
+  assert set(summary['rows']) == {'opd', 'sft_teacher', 'grpo', 'mixed'}
+  for name in ('opd', 'sft_teacher', 'grpo', 'mixed'):
+    res_path = next(p for p in os.listdir(tmp_path) if p.startswith(name + '_lr'))
+    with open(tmp_path / res_path / 'result.json') as f:
+      hist = json.load(f)['history']
+    phases = {k: v for k, v in hist.items() if k.startswith('compute/flops/')
+              and k != 'compute/flops/total'}
+    total = hist['compute/flops/total']
+    for i, (step, value) in enumerate(total):  # at every logged step
+      parts = sum(dict(v).get(step, 0.0) for v in phases.values())
+      assert value == pytest.approx(parts, rel=1e-9), (name, step)
+    assert total[-1][1] > 0
+    last = {k[len('compute/flops/'):]: v[-1][1] for k, v in phases.items()}
+    scoring = sum(v for k, v in last.items() if k.startswith('scoring/'))
+    if name == 'sft_teacher':
+      assert last.get('teacher_sampling', 0) > 0 and scoring == 0
+    elif name == 'grpo':
+      assert scoring == 0 and last.get('teacher_sampling', 0) == 0 and last['rollout'] > 0
+    else:  # opd, mixed: the teacher scores the student's samples
+      assert scoring > 0 and last['rollout'] > 0
+    # every evaluation step has a cumulative FLOP count
+    ce.accuracy_curve(hist)
+  # a rerun reuses every finished stage
+  again = ce.run_experiment(str(tmp_path), seed=0, quick=True)
+  assert again['rows']['opd']['accuracy'] == summary['rows']['opd']['accuracy']
+  assert 'reused' in capsys.readouterr().out
+  ce.aggregate([str(tmp_path), str(tmp_path)])
