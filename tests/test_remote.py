@@ -153,13 +153,16 @@ def test_server_matches_in_process_scoring_both_protocols(server, tokenizer, mes
                                  want['logprobs'][:3] * [[1], [0], [1]], atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize('temperature, top_k', [(1.0, 0), (0.7, 5)])
-def test_trainer_with_remote_teacher_matches_in_process(server, tmp_path, temperature, top_k):
+@pytest.mark.parametrize('temperature, top_k, full_vocab', [(1.0, 0, None), (0.7, 5, None),
+                                                         (0.7, 0, 'reverse_kl')])
+def test_trainer_with_remote_teacher_matches_in_process(server, tmp_path, temperature, top_k,
+                                                        full_vocab):
   # The remote teacher scores at the rollout temperature, as the in-process one does (it
   # used to be built without it, so at T != 1 the two gave different training signals).
   # Stopping "as if preempted" at the last step skips the final eval and export (time).
   common = dict(total_steps=3, debug__stop_at_step=3, checkpoint__every=100,
-                rollout__temperature=temperature, rollout__top_k=top_k)
+                rollout__temperature=temperature, rollout__top_k=top_k,
+                loss__full_vocab=full_vocab, loss__full_vocab_top_k=4)
   local_cfg = with_overrides(load_config('opd_single_teacher', 'runlocal'), **common)
   remote_cfg = with_overrides(load_config('opd_remote_teacher', 'runlocal'),
                               teachers__teacher__remote_url=server.url, **common)
@@ -171,8 +174,9 @@ def test_trainer_with_remote_teacher_matches_in_process(server, tmp_path, temper
   local = run(local_cfg, str(tmp_path / 'local'))
   remote = run(remote_cfg, str(tmp_path / 'remote'))
   assert remote['step'] == local['step'] == 3
-  for key in ('loss', 'opd/reverse_kl', 'opd/reverse_kl/teacher', 'grad_norm',
-              'rollout/response_len'):
+  keys = ['loss', 'opd/reverse_kl', 'opd/reverse_kl/teacher', 'grad_norm',
+          'rollout/response_len'] + (['loss/full_vocab'] if full_vocab else [])
+  for key in keys:
     want, got = dict(local['history'][key]), dict(remote['history'][key])
     assert sorted(got) == [1, 2, 3], key
     for step in (1, 2, 3):
