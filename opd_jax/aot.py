@@ -50,8 +50,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-from flax import nnx
 from jax._src import xla_bridge  # backends_are_initialized(): no public equivalent
 from jax.sharding import NamedSharding, PartitionSpec as P
 

@@ -21,6 +21,23 @@ import statistics
 import time
 
 
+def stop_bias_fn(stop: int, eos_prob: float):
+  """A benchmark-only Sampler `logits_fn`: p(stop) = eos_prob exactly at every step (the
+  stop logit becomes logsumexp(others) + log odds), so lengths are geometric; eos_prob 0
+  removes the stop token (every row runs to the budget)."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  log_odds = float(np.log(eos_prob / (1 - eos_prob))) if eos_prob else None
+
+  def stop_bias(logits_BxV):
+    if log_odds is None:
+      return logits_BxV.at[:, stop].set(-jnp.inf)
+    others = jax.nn.logsumexp(logits_BxV.at[:, stop].set(-jnp.inf), axis=-1)
+    return logits_BxV.at[:, stop].set(others + log_odds)
+  return stop_bias
+
+
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   ap.add_argument('--model', required=True)
@@ -54,13 +71,7 @@ def main(argv=None):
   graphdef, params = nnx.split(model)
   vocab = model.cfg.vocab_size
   stop = 1  # any id; the bias below fixes its probability
-  log_odds = float(np.log(args.eos_prob / (1 - args.eos_prob))) if args.eos_prob else None
-
-  def stop_bias(logits_BxV):  # p(stop) = eos_prob exactly: logit = logsumexp(others) + log odds
-    if log_odds is None:
-      return logits_BxV.at[:, stop].set(-jnp.inf)
-    others = jax.nn.logsumexp(logits_BxV.at[:, stop].set(-jnp.inf), axis=-1)
-    return logits_BxV.at[:, stop].set(others + log_odds)
+  stop_bias = stop_bias_fn(stop, args.eos_prob)
 
   static = Sampler(graphdef, pad_id=0, logits_fn=stop_bias)
   cont = Sampler(graphdef, pad_id=0, logits_fn=stop_bias, slots=args.slots,

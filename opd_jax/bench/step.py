@@ -56,7 +56,7 @@ def main(argv=None):
 
   from opd_jax import builder, compute, config_lib, train, sharding as shd
   from opd_jax.bench.matmul_peak import matmul_peak
-  from opd_jax.sampling import Sampler, SamplingParams
+  from opd_jax.sampling import Sampler
 
   if args.make_models:
     make_models(args.student, args.teacher)
@@ -98,13 +98,8 @@ def main(argv=None):
     print(f'warning: prompts encode to {n_prompt} tokens, not {args.prompt_len}')
 
   stop = int(r.stop_ids[0]) if r.stop_ids else 1
-  log_odds = float(np.log(args.eos_prob / (1 - args.eos_prob))) if args.eos_prob else None
-
-  def stop_bias(logits_BxV):  # benchmark only: p(stop) = eos_prob, or 0 (fixed lengths)
-    if log_odds is None:
-      return logits_BxV.at[:, stop].set(-jnp.inf)
-    others = jax.nn.logsumexp(logits_BxV.at[:, stop].set(-jnp.inf), axis=-1)
-    return logits_BxV.at[:, stop].set(others + log_odds)
+  from opd_jax.bench.rollout import stop_bias_fn
+  stop_bias = stop_bias_fn(stop, args.eos_prob)  # benchmark only; 0: fixed lengths
 
   sampler = Sampler(r.graphdef, mesh=mesh, pad_id=r.pad_id,
                     cache_dtype=jnp.dtype(args.dtype), logits_fn=stop_bias)
