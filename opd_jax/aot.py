@@ -11,6 +11,10 @@ and batch shapes:
   rollout/prefill, rollout/decode  the student's Sampler (B = prompts_per_step x n_samples
                                    rounded up like the sampler does, P = the prompt bucket of
                                    data.max_prompt_len, N = rollout.max_new_tokens);
+  rollout/refill, rollout/segment, rollout/compact
+                                   instead, when rollout.slots > 0 and B exceeds the slots:
+                                   the continuous-batching sampler (opd_jax.continuous) over
+                                   R slots, its refill at the first fill's row bucket;
   score/<teacher>                  each in-process teacher on its own mesh (all B rows routed
                                    to it: the worst case), and score/reference for G-OPD;
   update                           make_update_fn(loss_spec(config)) on B / mini_batches rows
@@ -387,9 +391,14 @@ def _compile_rollouts(chk: _Check, config, rows: int, p_len: int) -> None:
 
 
 def _compile_rollout(chk: _Check, prefix, sampler, cfg, params, b, p_len, sp, args_of):
-  """Compiles a Sampler's prefill and decode for b rows; returns the row bucket."""
+  """Compiles a Sampler's prefill and decode for b rows (or, when the sampler would batch
+  them continuously, its refill, segment and compaction); returns the row bucket."""
   mesh = sampler.mesh
-  bb = batch_bucket(b, shd.batch_size_multiple(mesh))
+  mult = shd.batch_size_multiple(mesh)
+  bb = batch_bucket(b, mult)
+  if sampler.continuous is not None and b > sampler.continuous.num_slots(mult):
+    _compile_continuous(chk, prefix, sampler, params, b, bb, p_len, sp, args_of)
+    return bb
   ids = _sds((bb, p_len), jnp.int32, shd.batch_sharding(mesh, 2))
   shapes = f'B={bb} P={p_len} N={sp.max_new_tokens}'
   pre = chk.compile(f'{prefix}/prefill', sampler._prefill, (params, ids, ids),
@@ -410,6 +419,42 @@ def _compile_rollout(chk: _Check, prefix, sampler, cfg, params, b, p_len, sp, ar
   chk.compile(f'{prefix}/decode', sampler._decode, (params, cache, logits, ids, done, key),
               dict(sp=sp, pad_id=sampler.pad_id), mesh, shapes, args_of)
   return bb
+
+
+def _compile_continuous(chk: _Check, prefix, sampler, params, b, bb, p_len, sp, args_of):
+  """The continuous-batching path (config.rollout.slots > 0 and more rows than slots), as
+  `ContinuousBatcher.run` calls it: `refill` at the first fill's row bucket (r = the bucket
+  of R new prompts, the largest prefill a run makes), `segment` (the decode loop over R
+  slots) and `compact` (the cache shift). The [bb, N] outputs stay resident during the
+  segment and the compaction."""
+  cb = sampler.continuous
+  mesh = sampler.mesh
+  mult = shd.batch_size_multiple(mesh)
+  slots = cb.num_slots(mult)
+  n = sp.max_new_tokens
+  cache_len = p_len + n + cb.cache_slack
+  rb = batch_bucket(min(slots, b), mult)
+  shapes = f'B={bb} R={slots} P={p_len} N={n} S={cache_len}'
+  with jax.set_mesh(mesh):  # the initial carry's shapes and shardings (zeros: not reported)
+    init = cb._init.lower(params, slots=slots, prompt_len=p_len, cache_len=cache_len, n=n,
+                          rows=bb, pad_id=cb.pad_id, cache_dtype=cb.cache_dtype).compile()
+  st, out = _strip(init.out_info)
+  ids = _sds((rb, p_len), jnp.int32, shd.batch_sharding(mesh, 2))
+  src = _sds((slots,), jnp.int32, shd.batch_sharding(mesh, 1))
+  chk.compile(f'{prefix}/refill', cb._refill, (params, st, out, ids, ids, src, src),
+              dict(pad_id=cb.pad_id, cache_dtype=cb.cache_dtype), mesh,
+              f'{shapes} r={rb}', args_of)
+  scalar = _sds((), jnp.int32, shd.replicated(mesh))
+  key = jax.eval_shape(lambda: jax.random.key(0))
+  key = _sds(key.shape, key.dtype, shd.replicated(mesh))
+  outputs = f'{prefix}/outputs'
+  chk.long_lived[outputs] = out
+  try:
+    chk.compile(f'{prefix}/segment', cb._segment, (params, st, scalar, key),
+                dict(sp=sp, pad_id=cb.pad_id), mesh, shapes, args_of)
+    chk.compile(f'{prefix}/compact', cb._compact, (st, scalar), {}, mesh, shapes, args_of)
+  finally:
+    del chk.long_lived[outputs]
 
 
 # ------------------------------------------------------------------------------- report
@@ -461,7 +506,8 @@ def format_report(rep: dict, config_name: str) -> str:
     lines.append('CPU ESTIMATE: arguments and outputs are exact; temporaries come from XLA:CPU '
                  "(libtpu, e.g. pip install 'jax[tpu]', gives XLA:TPU's numbers)")
   lines.append('resident: buffers alive on the same devices that the function does not take '
-               '(the train state during rollout and scoring, the teachers during the update)')
+               '(the train state during rollout and scoring, the teachers during the update, '
+               "the continuous sampler's [B, N] outputs during its segments)")
   return '\n'.join(lines)
 
 

@@ -108,6 +108,32 @@ def test_every_runlocal_recipe_compiles_and_reports_memory(name, tmp_path):
   assert 'per-device memory' in stdout and 'CPU ESTIMATE' in stdout
 
 
+def test_continuous_rollout_compiles_its_segment_functions(tmp_path):
+  """rollout.slots=8 < the 16 rows: the trainer samples with the continuous batcher, so the
+  check compiles its refill (prefill of r = 8 new prompts into the slots), decode segment and
+  cache compaction instead of the static prefill/decode, and reports their peaks."""
+  rep, stdout = _aot(tmp_path, '--config=configs/opd_single_teacher.py:runlocal',
+                     '--config.rollout.slots=8')
+  fns = {f['name']: f for f in rep['functions']}
+  assert list(fns)[:3] == ['rollout/refill', 'rollout/segment', 'rollout/compact']
+  assert 'rollout/prefill' not in fns and 'rollout/decode' not in fns
+  # B=16 rows, R=8 slots, P=256 (prompt bucket), N=16, S = P + N + 32 (cache slack)
+  assert fns['rollout/refill']['shapes'] == 'B=16 R=8 P=256 N=16 S=304 r=8'
+  assert fns['rollout/segment']['shapes'] == 'B=16 R=8 P=256 N=16 S=304'
+  for name in ('rollout/refill', 'rollout/segment', 'rollout/compact'):
+    f = fns[name]
+    assert f['measured'] and f['temp'] > 0 and f['peak'] == f['total'] + f['resident'], f
+    assert f['alias'] > 0, f  # the slot state (KV cache included) is donated
+    assert f'{name}  [' in stdout
+  # one slot per device: 2 layers x (k, v) x S=304 x 1 kv head x head dim 16 x fp32
+  assert fns['rollout/segment']['argument'] >= 2 * 2 * 304 * 16 * 4
+  # during a segment the [B, N] tokens / mask / logps (int32, int32, fp32) are resident on
+  # top of the train state; the refill takes them as arguments
+  assert (fns['rollout/segment']['resident'] - fns['rollout/refill']['resident']
+          == 16 * 16 * 12 // 8)
+  assert rep['largest']['peak'] >= fns['rollout/segment']['peak']
+
+
 def test_real_size_recipe_on_a_v5e16_shaped_cpu_mesh(tmp_path):
   """Qwen3-1.7B <- Qwen3-8B at the recipe's full shapes (B=256, L=5120) on 16 fake CPU
   devices, compiled from the presets because /ckpt does not exist here (about 1.5 min)."""
