@@ -1,7 +1,7 @@
 """Whole OPD steps through the trainer's own functions.
 
   python -m opd_jax.bench.step --student DIR --teacher DIR --batch 16 --prompt-len 32 \
-      --new-tokens 64 [--eos-prob P] [--steps K] [--make-models]
+      --new-tokens 64 [--eos-prob P] [--slots R] [--steps K] [--make-models]
 
 Builds a config (base_config + one teacher), `builder.build_run`, a `train.Loop`, then runs
 `train.opd_batch` + `train.apply_update` per step on synthetic prompts of exactly
@@ -12,6 +12,9 @@ measured fp32 matmul peak, and last `tokens_per_s=<x>` (generated tokens / whole
 --eos-prob P: a benchmark-only logits_fn on the rollout sampler (as opd_jax/bench/rollout.py)
 sets p(stop token) = P at every position, so lengths are geometric; without it the stop token
 is masked and every row generates --new-tokens.
+--slots R: the rollout sampler batches continuously over R slots, as the trainer does with
+config.rollout.slots = R; like the trainer's, it takes the continuous path only when the batch
+has more rows than slots (--batch > R rounded up to the data axes), else the static one.
 """
 
 import argparse
@@ -43,6 +46,8 @@ def main(argv=None):
   ap.add_argument('--prompt-len', type=int, default=32)
   ap.add_argument('--new-tokens', type=int, default=64)
   ap.add_argument('--eos-prob', type=float, default=0.0)
+  ap.add_argument('--slots', type=int, default=0,
+                  help='continuous batching over R slots (config.rollout.slots); 0: static')
   ap.add_argument('--steps', type=int, default=3)
   ap.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'])
   ap.add_argument('--make-models', action='store_true')
@@ -85,6 +90,7 @@ def main(argv=None):
   c.rollout.prompts_per_step = args.batch
   c.rollout.n_samples = 1
   c.rollout.max_new_tokens = args.new_tokens
+  c.rollout.slots = args.slots
   c.batch.mini_batches = 1
   c.batch.micro_batches = 1
   c.optim.warmup_steps = 0
@@ -101,8 +107,13 @@ def main(argv=None):
   from opd_jax.bench.rollout import stop_bias_fn
   stop_bias = stop_bias_fn(stop, args.eos_prob)  # benchmark only; 0: fixed lengths
 
+  # the builder's sampler (same mesh, pad id, cache dtype, slots), plus the stop bias
   sampler = Sampler(r.graphdef, mesh=mesh, pad_id=r.pad_id,
-                    cache_dtype=jnp.dtype(args.dtype), logits_fn=stop_bias)
+                    cache_dtype=jnp.dtype(args.dtype), slots=args.slots or None,
+                    logits_fn=stop_bias)
+  cont = sampler.continuous
+  rows = args.batch * int(c.rollout.n_samples)
+  use_cont = cont is not None and rows > cont.num_slots(sampler._batch_multiple())
   r = dataclasses.replace(r, sampler=sampler, rollout_sp=dataclasses.replace(
       r.rollout_sp, stop_ids=(stop,)))
 
@@ -143,6 +154,15 @@ def main(argv=None):
         f'prompt_len={args.prompt_len} new_tokens={args.new_tokens} eos_prob={args.eos_prob} '
         f'dtype={args.dtype} steps={args.steps}')
   print(f'matmul_peak_gflops={peak / 1e9:.2f} (jitted fp32 {args.peak_size}^3, best of runs)')
+  if use_cont:
+    print('rollout_path=continuous ' + ' '.join(
+        f'{k}={v}' for k, v in cont.last_stats.items() if k != 'placements') +
+        ' (last step)')
+  else:
+    print('rollout_path=static' + (f' (--slots {args.slots}: {rows} rows do not exceed '
+                                   f'{cont.num_slots(sampler._batch_multiple())} slots)'
+                                   if cont is not None else ''))
+  print('mean_response_len=' + ','.join(f'{x["gen"] / rows:.1f}' for x in runs))
 
   def med(key):
     return statistics.median(x[key] for x in runs)
