@@ -71,6 +71,15 @@ def base_config() -> ConfigDict:
       slots=0,                   # continuous batching: rows decoded at once (0: static)
   ))
 
+  c.agent = ConfigDict(dict(     # multi-turn episodes (opd_jax/multiturn.py, opd_jax/envs/)
+      tag_to_env=ConfigDict(),   # tag -> environment name (opd_jax.envs.ENVS); empty: off
+      env_kwargs=ConfigDict(),   # environment name -> its constructor's keyword arguments
+      max_turns=4,               # student turns per episode
+      max_tokens_per_turn=64,    # tokens per student turn (the turn ends earlier at a stop id)
+      max_episode_tokens=256,    # student + observation tokens after the prompt
+      max_obs_tokens=64,         # tokens per observation (chat-template wrapping included)
+  ))
+
   c.loss = ConfigDict(dict(
       kl_estimator='k1',         # 'k1' only (k3's gradient is not the reverse KL's; logged)
       kl_clamp=placeholder(float),

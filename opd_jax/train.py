@@ -25,7 +25,7 @@ import numpy as np
 from flax import nnx
 
 from opd_jax import advantages as adv_lib
-from opd_jax import compute, evaluation, steps, tiny
+from opd_jax import compute, evaluation, multiturn, steps, tiny
 from opd_jax import data as data_lib
 from opd_jax import rewards as rewards_lib
 from opd_jax import sharding as shd
@@ -112,6 +112,7 @@ class Loop:
   ckpt: Checkpointer
   base_key: Any
   cast: Any                             # params -> params in the compute dtype
+  agent: Any = None                     # multiturn.MultiTurnSampler (config.agent.tag_to_env)
 
   def local(self, records):
     return data_lib.host_slice(records, jax.process_index(), jax.process_count())
@@ -125,12 +126,23 @@ class Loop:
         pass_k=tuple(c.eval.pass_k), reverse_kl=c.eval.reverse_kl,
         num_text_samples=c.eval.num_text_samples)
     records = self.local(d.eval_records) if jax.process_count() > 1 else d.eval_records
-    return evaluation.evaluate(
-        step=step, key=jax.random.fold_in(self.base_key, 2**31 - 1),
+    episode_records = []
+    if self.agent is not None:  # records with an environment are evaluated as episodes
+      records, episode_records = self.agent.split(records)
+    key = jax.random.fold_in(self.base_key, 2**31 - 1)
+    m = evaluation.evaluate(
+        step=step, key=key,
         student_params=self.cast(params), sampler=r.sampler, encoder=d.encoder,
         tokenizer=d.tokenizer, records=records, settings=settings,
         tag_to_reward=dict(c.rl.tag_to_reward), default_reward=c.rl.default_reward,
         teachers=r.teachers, kl_fn=self.teacher_kl, writer=self.writer, tag_vocab=d.eval_tags)
+    if not episode_records:
+      return m
+    return multiturn.evaluate(
+        self.agent, key=key, params=self.cast(params), records=episode_records,
+        batch_size=c.eval.batch_size, temperature=c.rollout.temperature, top_k=c.rollout.top_k,
+        top_p=c.rollout.top_p, kl_fn=self.teacher_kl if c.eval.reverse_kl else None,
+        teachers=r.teachers, base=m, n_single=len(records))
 
   def teacher_kl(self, tokens, attn, lmask, s_b, tags):
     route = route_matrix(tags, self.run.specs)
@@ -157,6 +169,7 @@ def run(config, workdir: str) -> dict:
     logging.getLogger(noisy).setLevel(logging.WARNING)
   init_distributed(config)
   validate(config)
+  multiturn.validate_config(config)
   check_model_paths(config)
   os.makedirs(workdir, exist_ok=True)
   mesh = shd.make_mesh(dict(config.mesh))
@@ -164,7 +177,9 @@ def run(config, workdir: str) -> dict:
            jax.process_count())
   validate(config, mesh)  # the batch layout on this mesh
   data = load_data(config)
-  check_signal(config, data.train_tags)
+  # With an outcome estimator, an environment's episode reward is a signal of its tags.
+  check_signal(config, [t for t in data.train_tags if not (
+      config.rl.estimator and t in config.agent.tag_to_env)])
   ckpt = Checkpointer(workdir, every=config.checkpoint.every, keep=config.checkpoint.keep,
                       async_save=config.checkpoint.async_save)
   check_resume(config, workdir, resuming=ckpt.latest_step() is not None)
@@ -182,7 +197,8 @@ def run(config, workdir: str) -> dict:
   if start_step:  # the curves so far travel with the checkpoint
     writer.history = {k: [tuple(x) for x in v] for k, v in meta.get('history', {}).items()}
   loop = Loop(config, r, data, writer, compute.FlopCounter(meta.get('flops')), ckpt,
-              jax.random.key(config.seed), r.cast_fn())
+              jax.random.key(config.seed), r.cast_fn(),
+              multiturn.from_config(config, r, data.tokenizer, data.encoder))
   for t in r.teachers:
     if t.cfg is None:
       log.warning('teacher %r is remote: its scoring FLOPs are not counted (its architecture '
@@ -242,13 +258,22 @@ def opd_batch(loop: Loop, state, key) -> tuple[UpdateBatch, dict]:
   metrics: dict[str, float] = {}
   # ------------------------------------------------------------------------- rollout
   t0 = time.time()
-  rollout = r.sampler(loop.cast(state['params']), d.encoder.encode_batch(local),
-                      jax.random.fold_in(key, 0), r.rollout_sp)
-  tokens, attn, lmask, s_b = steps.rollout_arrays(rollout)
+  episodes = None
+  if loop.agent is not None:  # multi-turn episodes; the loss mask is the student's tokens
+    episodes = loop.agent(loop.cast(state['params']), local, jax.random.fold_in(key, 0),
+                          temperature=c.rollout.temperature, top_k=c.rollout.top_k,
+                          top_p=c.rollout.top_p)
+    tokens, attn, lmask, s_b = episodes.arrays(r.mesh)
+    metrics.update(episodes.metrics(tags))
+  else:
+    rollout = r.sampler(loop.cast(state['params']), d.encoder.encode_batch(local),
+                        jax.random.fold_in(key, 0), r.rollout_sp)
+    tokens, attn, lmask, s_b = steps.rollout_arrays(rollout)
   jax.block_until_ready(s_b)
   t_rollout = time.time() - t0
-  gen_tokens = float(jnp.sum(rollout.mask))
-  loop.flops.add('rollout', _rollout_flops(r.student_cfg, rollout))
+  gen_tokens = float(jnp.sum(lmask))
+  loop.flops.add('rollout', _rollout_flops(r.student_cfg, rollout) if episodes is None
+                 else multiturn.rollout_flops(r.student_cfg, episodes))
   # ----------------------------------------------------------------- teacher scoring
   t0 = time.time()
   route = route_matrix(tags, r.specs)
@@ -266,7 +291,8 @@ def opd_batch(loop: Loop, state, key) -> tuple[UpdateBatch, dict]:
   # ------------------------------------------------------------------------ rewards
   outcome = None
   if c.rl.estimator:
-    outcome, rew = _outcome_advantages(loop, rollout, local, n)
+    outcome, rew = (_outcome_advantages(loop, rollout, local, n) if episodes is None
+                    else multiturn.outcome_advantage(c, episodes, local, n))
     metrics['reward/mean'] = float(rew.mean())
     for tg in sorted(set(tags)):
       metrics[f'reward/mean/{tg}'] = float(rew[np.asarray(tags) == tg].mean())
