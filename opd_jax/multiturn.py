@@ -533,6 +533,63 @@ class MultiTurnSampler:
                     end, error, texts, truncated, decode_steps=steps_total)
 
 
+def replay(mt: 'MultiTurnSampler', records, turns: Sequence[Sequence[str]], *,
+           prompt_len: int | None = None) -> Episodes:
+  """Episodes from scripted student turns (e.g. SFT on tool-using transcripts): each
+  record's environment is reset and stepped with its scripted turns, and the tokens are laid
+  out exactly as a rollout would (each turn + the stop token, then the wrapped observation),
+  so an SFT batch on them trains the turns the sampler will produce. Behaviour logprobs are
+  0. A transcript that ends early (the environment says done) drops its remaining turns; one
+  over agent.max_episode_tokens is an error naming the record. `prompt_len` fixes P."""
+  from opd_jax.evaluation import record_dict
+  bd = mt.budgets
+  b = len(records)
+  firsts, seqs, stus, n_turns, rewards, ends = [], [], [], [], [], []
+
+  def one(i):
+    r = records[i]
+    env = envs_lib.make_env(mt.tag_to_env[r.tag], **mt.env_kwargs.get(mt.tag_to_env[r.tag], {}))
+    obs = env.reset(record_dict(r))
+    first = dataclasses.replace(r, messages=list(r.messages[:-1]) + [
+        {'role': 'user', 'content': str(obs)}]) if obs is not None else r
+    seq, stu, total, k, end = [], [], 0.0, 0, 'max_turns'
+    for k, text in enumerate(turns[i], start=1):
+      t_ids = list(mt.tokenizer(text, add_special_tokens=False)['input_ids']) + [mt.close_id]
+      seq += t_ids
+      stu += [1] * len(t_ids)
+      obs, done, rew = env.step(text)
+      total += float(rew)
+      if done or obs is None:
+        end = 'env'
+        break
+      if k < len(turns[i]):
+        o_ids, _ = mt._format(r.tag).ids(str(obs), bd.max_obs_tokens)
+        seq += o_ids
+        stu += [0] * len(o_ids)
+    if len(seq) > bd.max_episode_tokens:
+      raise ValueError(f'record {r.id!r}: the transcript takes {len(seq)} tokens, over '
+                       f'agent.max_episode_tokens={bd.max_episode_tokens}')
+    return first, seq, stu, k, total, end
+
+  with ThreadPoolExecutor(max(1, min(mt.max_workers, b))) as pool:
+    for first, seq, stu, k, total, end in pool.map(one, range(b)):
+      firsts.append(first), seqs.append(seq), stus.append(stu), n_turns.append(k)
+      rewards.append(total), ends.append(end)
+  prompts = mt.encoder.encode_batch(firsts)
+  p = prompt_len or bucket(max(len(x) for x in prompts), mt.prompt_buckets)
+  ids, pmask = left_pad(prompts, p, mt.pad_id)
+  n = bd.max_episode_tokens
+  tokens = np.full((b, n), mt.pad_id, np.int32)
+  attn, smask = np.zeros((b, n), np.int32), np.zeros((b, n), np.int32)
+  for i in range(b):
+    k = len(seqs[i])
+    tokens[i, :k], attn[i, :k], smask[i, :k] = seqs[i], 1, stus[i]
+  return Episodes(ids, pmask, tokens, attn, smask, np.zeros((b, n), np.float32),
+                  np.asarray(n_turns, np.int32), np.asarray(rewards, np.float32),
+                  np.ones((b,), bool), ends, [None] * b, [[t for t in x] for x in turns],
+                  np.zeros((b,), np.int32))
+
+
 def _check_step(res, env_name, record):
   if not (isinstance(res, tuple) and len(res) == 3):
     raise ValueError(f'environment {env_name!r}: step() must return (observation | None, done, '
@@ -633,7 +690,8 @@ def evaluate(mt: MultiTurnSampler, *, key, params, records, batch_size: int, tem
 
 
 __all__ = ['Budgets', 'Episodes', 'MultiTurnSampler', 'ObservationFormat', 'evaluate',
-           'from_config', 'outcome_rewards', 'validate_config']
+           'from_config', 'outcome_advantage', 'outcome_rewards', 'replay', 'rollout_flops',
+           'validate_config']
 
 
 def outcome_advantage(config, episodes: Episodes, records, n_samples: int):

@@ -275,3 +275,22 @@ def test_runlocal_recipe_runs_two_steps_of_multi_turn_episodes(tmp_path):
     assert key in h and all(np.isfinite(v) for _, v in h[key]), key
   assert all(v < 1e-4 for _, v in h['is/sampler_logprob_gap'])  # cache == update's forward
   assert 'eval/accuracy/tool' in result['final'] and 'eval/agent/turns' in result['final']
+
+
+def test_replay_lays_out_transcripts_as_rollouts_do(student):
+  """SFT transcripts (`multiturn.replay`): the real tool result between the turns, the
+  stop token closing each student turn, the loss mask on the student turns only."""
+  _, _, tok, _ = student
+  mt = _sampler(student, BUDGETS, {'tool': 'tool'})
+  records = [data_lib.Record(id=f'r{a}', tag='tool', ground_truth=str(a * 7),
+                             messages=[{'role': 'user', 'content': f'{a}*7=?'}])
+             for a in (6, 12)]
+  ep = multiturn.replay(mt, records, [[f'<calc>{a}*7</calc>', f'<answer>{a * 7}</answer>']
+                                      for a in (6, 12)])
+  assert (ep.reward == 1).all() and (ep.turns == 2).all() and ep.end == ['env', 'env']
+  for i, a in enumerate((6, 12)):
+    student_text = tok.decode(ep.tokens[i][ep.student_mask[i] > 0])
+    assert student_text == f'<calc>{a}*7</calc><|im_end|><answer>{a * 7}</answer><|im_end|>'
+    env_text = tok.decode(ep.tokens[i][ep.env_mask[i][ep.prompt_mask.shape[1]:] > 0])
+    assert env_text == f'\n<|im_start|>user\n<result>{a * 7}</result><|im_end|>\n' \
+                       '<|im_start|>assistant\n'
