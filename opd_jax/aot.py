@@ -336,6 +336,8 @@ def check_config(config, target: Target, *, log=print) -> dict:
   chk = _Check(r, target, log)
   state = r.abstract_state()
   chk.long_lived['state'] = state
+  if r.base is not None:  # a LoRA student's frozen base (an argument of the update only)
+    chk.long_lived['student_base'] = r.base
   chk.long_lived.update({t.name: t.params for t in _frozen(r)})
   _compile_rollouts(chk, config, rows, p_len)
   if config.mode == 'opd':  # teacher scoring: every row routed to every teacher (worst case)
@@ -348,7 +350,8 @@ def check_config(config, target: Target, *, log=print) -> dict:
   ub = rows // int(config.batch.mini_batches)
   chk.compile('update', r.update_fn, (state, builder.update_batch_spec(
       config, mesh, ub, seq)), {}, mesh,
-      f'B={ub} (micro {ub // int(config.batch.micro_batches)}) L={seq}', {'state'})
+      f'B={ub} (micro {ub // int(config.batch.micro_batches)}) L={seq}',
+      {'state', 'student_base'})
   reports = chk.reports
   worst = max(reports, key=lambda x: (x.measured, x.peak))
   return {
@@ -370,7 +373,7 @@ def _compile_rollouts(chk: _Check, config, rows: int, p_len: int) -> None:
   train = None
   if config.mode == 'opd':
     cast = jax.tree.map(lambda x: _sds(x.shape, r.compute_dtype if jnp.issubdtype(
-        x.dtype, jnp.floating) else x.dtype, x.sharding), r.params)
+        x.dtype, jnp.floating) else x.dtype, x.sharding), r.plain_params)
     train = (_compile_rollout(chk, 'rollout', r.sampler, r.student_cfg, cast, rows, p_len,
                               r.rollout_sp, set()), r.rollout_sp.max_new_tokens)
   elif config.sft.source == 'teacher':
@@ -384,7 +387,7 @@ def _compile_rollouts(chk: _Check, config, rows: int, p_len: int) -> None:
     eval_new = int(config.eval.max_new_tokens or config.rollout.max_new_tokens)
     if train is None or batch_bucket(eval_rows, dp) > train[0] or eval_new > train[1]:
       cast = jax.tree.map(lambda x: _sds(x.shape, r.compute_dtype if jnp.issubdtype(
-          x.dtype, jnp.floating) else x.dtype, x.sharding), r.params)
+          x.dtype, jnp.floating) else x.dtype, x.sharding), r.plain_params)
       _compile_rollout(chk, 'eval', r.sampler, r.student_cfg, cast, eval_rows, p_len,
                        SamplingParams(max_new_tokens=eval_new, temperature=0.0,
                                       stop_ids=r.stop_ids), set())

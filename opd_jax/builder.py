@@ -19,6 +19,7 @@ import fnmatch
 import json
 import logging
 import os
+import re
 from typing import Any
 
 import jax
@@ -27,6 +28,7 @@ import numpy as np
 from flax import nnx
 
 from opd_jax import advantages as adv_lib
+from opd_jax import lora as lora_lib
 from opd_jax import sharding as shd
 from opd_jax import tiny
 from opd_jax.models import Decoder, load_pretrained, read_hf_config
@@ -87,6 +89,7 @@ def validate(config, mesh=None) -> None:
   if config.loss.full_vocab and config.loss.full_vocab_top_k < 1:
     raise ConfigError(f'config.loss.full_vocab_top_k={config.loss.full_vocab_top_k}: the top-k '
                       f'distillation term needs k >= 1')
+  validate_lora(config.student.lora)
   if config.mode == 'sft' and config.sft.source not in ('dataset', 'teacher'):
     raise ConfigError(f"config.sft.source={config.sft.source!r}; expected 'dataset' or 'teacher'")
   specs = teacher_specs(config)
@@ -102,6 +105,26 @@ def validate(config, mesh=None) -> None:
       raise ConfigError(f'the batch of {rows} rows is not divisible by batch.mini_batches x '
                         f'batch.micro_batches x the data-parallel extent ({mini} x {micro} x '
                         f'{dp})')
+
+
+def validate_lora(lc) -> None:
+  """config.student.lora: rank >= 0 (0: off), alpha > 0, a valid regex, dropout 0."""
+  f = 'config.student.lora'
+  if not isinstance(lc.rank, int) or isinstance(lc.rank, bool) or lc.rank < 0:
+    raise ConfigError(f'{f}.rank={lc.rank!r}: the adapter rank must be an integer >= 0 '
+                      '(0: no LoRA, full fine-tuning)')
+  if not lc.rank:
+    return
+  if not float(lc.alpha) > 0:
+    raise ConfigError(f'{f}.alpha={lc.alpha!r}: must be > 0 (the adapters are scaled by '
+                      'alpha / rank)')
+  if float(lc.dropout) != 0.0:
+    raise ConfigError(f'{f}.dropout={lc.dropout!r}: only 0 is supported (the update is '
+                      'deterministic and the rollout samples from the merged weights)')
+  try:
+    re.compile(str(lc.targets))
+  except re.error as e:
+    raise ConfigError(f'{f}.targets={lc.targets!r}: not a regular expression ({e})') from None
 
 
 def teacher_specs(config) -> list[TeacherSpec]:
@@ -364,6 +387,12 @@ class Run:
   update_fn: Any
   loss: LossSpec
   notes: list
+  # A LoRA student (docs/design.md §9): `params` are the adapters, `base` the frozen base
+  # (plain parameter tree, compute dtype), `train_graphdef` the adapted Decoder the update
+  # runs; `graphdef` stays the plain Decoder (sampler, export).
+  lora: Any = None
+  base: Any = None
+  train_graphdef: Any = None
 
   @property
   def coef_J(self):
@@ -393,10 +422,32 @@ class Run:
 
   def cast_fn(self):
     """Jitted params -> params in the compute dtype, with the params' shardings (the rollout
-    samples with these)."""
+    samples with these). For a LoRA student: adapters -> the merged plain parameters
+    W + (alpha / r) B A in the compute dtype, on the base's shardings."""
     dtype = self.config.student.compute_dtype
+    if self.lora is not None:
+      merged = jax.jit(lambda base, ad: lora_lib.merge_params(base, ad, self.lora, dtype),
+                       out_shardings=self.param_shardings)
+      return lambda adapters: merged(self.base, adapters)
     return jax.jit(lambda p: jax.tree.map(lambda x: x.astype(dtype), p),
                    out_shardings=self.param_shardings)
+
+  @property
+  def plain_params(self):
+    """The plain Decoder's parameter tree as held: the base for LoRA, else the params."""
+    return self.base if self.lora is not None else self.params
+
+  def model_params(self, params):
+    """The plain Decoder's float32 parameters for trained `params` (merged for LoRA): what
+    the export writes."""
+    if self.lora is None:
+      return params
+    return jax.jit(lambda base, ad: lora_lib.merge_params(base, ad, self.lora, jnp.float32),
+                   out_shardings=self.param_shardings)(self.base, params)
+
+  def param_counts(self) -> dict[str, float]:
+    """{'params/trainable', 'params/total'} (logged at the first step)."""
+    return lora_lib.param_counts(self.params, self.base)
 
 
 def build_run(config, mesh, *, tokenizer=None, abstract: bool = False, devices=None) -> Run:
@@ -409,16 +460,35 @@ def build_run(config, mesh, *, tokenizer=None, abstract: bool = False, devices=N
   top_k = int(config.loss.full_vocab_top_k) if config.loss.full_vocab else 0
   temperature = float(config.rollout.temperature)
   # ------------------------------------------------------------------------ student
+  lora = lora_lib.spec_from_config(config)
+  # A LoRA student's frozen base is held in the compute dtype (never updated, so no float32
+  # master copy); a fully trained student's parameters are float32.
+  student_dtype = jnp.float32 if lora is None else jnp.dtype(config.student.compute_dtype)
   if abstract:
     src = model_source(config.student.model, 'config.student.model')
-    graphdef, params = abstract_model(src, jnp.float32, mesh, config.student.sharding)
+    graphdef, params = abstract_model(src, student_dtype, mesh, config.student.sharding)
     cfg, hf, where = src.cfg, src.hf, src.where
   else:
     path = tiny.resolve_model(config.student.model)
-    student = load_pretrained(path, mesh=mesh, rules=config.student.sharding)
+    student = load_pretrained(path, mesh=mesh, rules=config.student.sharding,
+                              dtype=student_dtype)
     graphdef, params = nnx.split(student)
     cfg, hf, where = student.cfg, student.hf_config, config.student.model
     del student
+  base = train_graphdef = None
+  if lora is not None:
+    try:
+      lora_lib.check_targets(lora, params)
+    except ValueError as e:
+      raise ConfigError(f'config.student.lora.targets={lora.targets!r}: {e}') from None
+    base, base_shardings = params, jax.tree.map(lambda x: x.sharding, params)
+    make = lora_lib.abstract_lora if abstract else lora_lib.init_adapters
+    kw = {} if abstract else {'seed': int(config.seed)}
+    train_graphdef, params = make(cfg, hf, lora, base_shardings, student_dtype, **kw)
+    n_ad, n_base = lora_lib.num_params(params), lora_lib.num_params(base)
+    notes.append(f'LoRA student: rank {lora.rank}, alpha {lora.alpha:g}, {n_ad:,} trainable '
+                 f'adapter parameters over a frozen {jnp.dtype(student_dtype).name} base of '
+                 f'{n_base:,}')
   # ----------------------------------------------------------------------- teachers
   specs = teacher_specs(config)
   teachers = []
@@ -456,19 +526,21 @@ def build_run(config, mesh, *, tokenizer=None, abstract: bool = False, devices=N
                                 temperature=config.sft.temperature, stop_ids=ids)
   mini = int(config.batch.mini_batches)
   tx, schedule = make_optimizer(config.optim, int(config.total_steps) * mini)
-  param_shardings = jax.tree.map(lambda x: x.sharding, params)
+  param_shardings = jax.tree.map(lambda x: x.sharding, base if lora is not None else params)
   state_shardings = shd.match_shardings(
       jax.eval_shape(lambda p: make_train_state(p, tx), params), params, mesh)
   spec = loss_spec(config)
-  update_fn = make_update_fn(graphdef, tx, schedule, spec, micro_batches=micro,
-                             state_shardings=state_shardings)
+  update_fn = make_update_fn(graphdef if train_graphdef is None else train_graphdef, tx,
+                             schedule, spec, micro_batches=micro,
+                             state_shardings=state_shardings, frozen=base)
   return Run(config=config, mesh=mesh, student_cfg=cfg, student_where=where,
              graphdef=graphdef, params=params, teachers=teachers, specs=specs,
              reference=reference, stop_ids=ids, pad_id=pad_id, sampler=sampler,
              rollout_sp=rollout_params(config, ids), teacher_sampler=teacher_sampler,
              teacher_sp=teacher_sp, tx=tx, schedule=schedule,
              param_shardings=param_shardings, state_shardings=state_shardings,
-             update_fn=update_fn, loss=spec, notes=notes)
+             update_fn=update_fn, loss=spec, notes=notes, lora=lora, base=base,
+             train_graphdef=train_graphdef)
 
 
 __all__ = ['ConfigError', 'ModelSource', 'Run', 'abstract_model', 'batch_rows', 'build_run',

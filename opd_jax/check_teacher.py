@@ -141,7 +141,8 @@ def rollout_and_s(r, config, dtype: str, prompts, key):
                     r.rollout_sp)
   tokens, attn, lmask, s_b = steps.rollout_arrays(rollout)
   with jax.set_mesh(r.mesh):
-    s = update_logprobs_fn(r.graphdef, builder.loss_spec(c))(r.params, tokens, attn)
+    s = update_logprobs_fn(r.graphdef, builder.loss_spec(c))(r.model_params(r.params),
+                                                             tokens, attn)  # LoRA: merged
   return tokens, attn, lmask, s_b, s
 
 

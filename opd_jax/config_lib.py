@@ -11,6 +11,10 @@ from ml_collections import config_dict
 from ml_collections.config_dict import ConfigDict, placeholder
 
 
+# The seven projections of every layer (PEFT's q/k/v/o/gate/up/down_proj).
+LORA_TARGETS = r'layers/(self_attn/(q|k|v|o)_proj|mlp/(gate|up|down)_proj)/weight'
+
+
 def teacher(model: str | None = None, *, kl_coef: float = 1.0, tags=(), sharding='fsdp_tp',
             dtype='float32', devices=None, remote_url=None, remote_protocol='sglang',
             **kw) -> ConfigDict:
@@ -40,6 +44,12 @@ def base_config() -> ConfigDict:
       sharding='fsdp_tp',        # rule set in opd_jax.sharding.RULE_SETS
       compute_dtype='float32',   # 'bfloat16': bf16 compute, fp32 params + optimizer state
       remat=True,                # recompute layer activations in the backward pass
+      lora=ConfigDict(dict(      # LoRA student (docs/design.md §9); rank 0: full fine-tuning
+          rank=0,                # adapter rank r; > 0 trains only the adapters
+          alpha=16.0,            # scale alpha / r, as PEFT's lora_alpha
+          targets=LORA_TARGETS,  # regex, full match against weight paths
+          dropout=0.0,           # only 0 is supported
+      )),
   ))
   c.teachers = ConfigDict()      # name -> teacher(...); empty: no OPD signal (RL / SFT)
 

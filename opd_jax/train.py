@@ -27,6 +27,7 @@ from flax import nnx
 from opd_jax import advantages as adv_lib
 from opd_jax import compute, evaluation, multiturn, steps, tiny
 from opd_jax import data as data_lib
+from opd_jax import lora as lora_lib
 from opd_jax import rewards as rewards_lib
 from opd_jax import sharding as shd
 from opd_jax.builder import (ConfigError, build_run, check_model_paths, check_resume,
@@ -39,6 +40,8 @@ from opd_jax.teachers import route_matrix, score_teachers
 from opd_jax.update import UpdateBatch
 
 log = logging.getLogger('opd_jax.train')
+
+LORA_ADAPTER_DIR = 'adapter'  # export/adapter/: a LoRA student's PEFT adapter
 
 __all__ = ['ConfigError', 'init_distributed', 'loss_spec', 'rollout_params', 'run', 'validate']
 
@@ -203,6 +206,11 @@ def run(config, workdir: str) -> dict:
     if t.cfg is None:
       log.warning('teacher %r is remote: its scoring FLOPs are not counted (its architecture '
                   'is not known here)', t.name)
+  if start_step == 0:  # what is trained (LoRA: the adapters) out of the student's total
+    counts = r.param_counts()
+    log.info('student parameters: %d trainable of %d', counts['params/trainable'],
+             counts['params/total'])
+    writer.scalars(0, counts)
   if config.eval_at_start and start_step == 0 and data.eval_records:
     m = loop.evaluate(0, state['params'])
     writer.scalars(0, m)
@@ -386,10 +394,17 @@ def finish(loop: Loop, state, result: dict, start_step: int, meta: dict, workdir
       t.tokens_scored = meta.get('tokens_scored', {}).get(t.name, t.tokens_scored)
   elif not result['preempted'] and c.export.hf_dir:
     out = os.path.join(workdir, c.export.hf_dir)
-    save_pretrained(nnx.merge(r.graphdef, state['params']), out, dtype=c.export.dtype or None)
+    save_pretrained(nnx.merge(r.graphdef, r.model_params(state['params'])), out,
+                    dtype=c.export.dtype or None)  # LoRA: the merged weights
     if jax.process_index() == 0:
       loop.data.tokenizer.save_pretrained(out)
     log.info('exported the student to %s', out)
+    if r.lora is not None:  # and the adapters alone, in PEFT's format
+      adapter = os.path.join(out, LORA_ADAPTER_DIR)
+      lora_lib.save_peft_adapter(r.lora, state['params'], adapter,
+                                 base_model=tiny.resolve_model(c.student.model),
+                                 num_layers=r.student_cfg.num_layers)
+      log.info('exported the LoRA adapter (PEFT format) to %s', adapter)
   loop.ckpt.close()
   loop.writer.close()
   result['history'] = loop.writer.history

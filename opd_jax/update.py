@@ -254,8 +254,13 @@ def make_train_state(params, tx):
 
 
 def make_update_fn(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, schedule,
-                   spec: LossSpec, micro_batches: int = 1, state_shardings=None):
+                   spec: LossSpec, micro_batches: int = 1, state_shardings=None,
+                   frozen=None):
   """A jitted `(state, batch) -> (state, metrics)` with the state donated.
+
+  `frozen` (a LoRA student's base parameters, docs/design.md §9) is joined to the trained
+  `state['params']` (the adapters) for the forward: it is an argument of the jitted step,
+  never differentiated nor donated, and not in the optimizer state.
 
   `state_shardings` (see sharding.match_shardings) pins the new state's layout to the old
   one's, so the step compiles once instead of again when XLA picks other output shardings;
@@ -266,7 +271,12 @@ def make_update_fn(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, sch
   behaviour_logprobs and advantages (plus teacher_top_ids / teacher_top_logprobs [B, T, K]
   for a full-vocabulary term). B must be divisible by `micro_batches`.
   """
-  def update(state, batch: UpdateBatch):
+  def loss_terms(params, frozen_params, mb):
+    if frozen_params is not None:
+      params = nnx.merge_state(frozen_params, params)
+    return _loss_terms(params, graphdef, mb, spec)
+
+  def update(state, batch: UpdateBatch, frozen_params=None):
     b = batch.tokens.shape[0]
     if b % micro_batches:
       raise ValueError(f'update batch of {b} rows is not divisible by micro_batches='
@@ -274,7 +284,7 @@ def make_update_fn(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, sch
     _, count = losses.aggregate(jnp.zeros(batch.loss_mask.shape), batch.loss_mask,
                                 spec.aggregation)
     count = jnp.maximum(count, 1.0)
-    value_and_grad = jax.value_and_grad(lambda p, mb: _loss_terms(p, graphdef, mb, spec),
+    value_and_grad = jax.value_and_grad(lambda p, mb: loss_terms(p, frozen_params, mb),
                                         has_aux=True)
 
     def micro(carry, mb):
@@ -289,7 +299,7 @@ def make_update_fn(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, sch
     split = split_rows(batch, micro_batches)
     zeros = jax.tree.map(jnp.zeros_like, state['params'])
     first = jax.tree.map(lambda x: x[0], split)
-    stats0 = jax.eval_shape(lambda: _loss_terms(state['params'], graphdef, first, spec)[1])
+    stats0 = jax.eval_shape(lambda: loss_terms(state['params'], frozen_params, first)[1])
     stats0 = {k: jax.tree.map(jnp.zeros_like, v).identity() for k, v in stats0.items()}
     (grads, loss_sum, stats), _ = jax.lax.scan(micro, (zeros, jnp.zeros(()), stats0), split)
     grads = jax.tree.map(lambda g: g / count, grads)
@@ -306,21 +316,24 @@ def make_update_fn(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, sch
   else:
     mesh = jax.tree.leaves(state_shardings)[0].mesh
 
-    def update_on_mesh(state, batch):
+    def update_on_mesh(state, batch, *frozen_params):
       with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-        return update(state, batch)
-    jitted = jax.jit(update_on_mesh, donate_argnums=(0,), in_shardings=(state_shardings, None),
+        return update(state, batch, *frozen_params)
+    frozen_in = () if frozen is None else (jax.tree.map(lambda x: x.sharding, frozen),)
+    jitted = jax.jit(update_on_mesh, donate_argnums=(0,),
+                     in_shardings=(state_shardings, None) + frozen_in,
                      out_shardings=(state_shardings, NamedSharding(mesh, P())))
 
-  return _UpdateFn(jitted, spec)
+  return _UpdateFn(jitted, spec, frozen)
 
 
 class _UpdateFn:
   """The jitted update, called (or lowered, for the AOT check) with an UpdateBatch or a
   mapping of its fields, which is checked against the loss first."""
 
-  def __init__(self, jitted, spec: LossSpec):
+  def __init__(self, jitted, spec: LossSpec, frozen=None):
     self.jitted, self.spec = jitted, spec
+    self.frozen = () if frozen is None else (frozen,)  # a LoRA student's base
 
   def _batch(self, batch) -> UpdateBatch:
     batch = UpdateBatch.of(batch)
@@ -328,7 +341,7 @@ class _UpdateFn:
     return batch
 
   def __call__(self, state, batch):
-    return self.jitted(state, self._batch(batch))
+    return self.jitted(state, self._batch(batch), *self.frozen)
 
   def lower(self, state, batch):
-    return self.jitted.lower(state, self._batch(batch))
+    return self.jitted.lower(state, self._batch(batch), *self.frozen)

@@ -85,6 +85,14 @@ def test_runlocal_recipes_run_two_steps(name, tmp_path):
   assert os.path.exists(tmp_path / 'checkpoints' / '2')
   assert os.path.exists(tmp_path / 'export' / 'config.json')
   assert np.isfinite(result['history']['loss'][-1][1])
+  (_, trainable), = result['history']['params/trainable']
+  (_, total), = result['history']['params/total']
+  if name == 'opd_lora':  # only the adapters train; the PEFT adapter is exported too
+    assert 0 < trainable < total / 5
+    for f in ('adapter_config.json', 'adapter_model.safetensors'):
+      assert os.path.exists(tmp_path / 'export' / 'adapter' / f)
+  else:
+    assert trainable == total
 
 
 def test_bfloat16_compute_runs(tmp_path):

@@ -14,11 +14,18 @@ The KV cache is a dict of two lists of L arrays [B, S, Hk, E], one per layer. A 
 writes the new keys and values at slots [start, start + T) and lets query t attend to slots
 <= start + t whose `kv_mask` is set; slot order is time order (the sampler left-pads
 prompts).
+
+LoRA (`LoraSpec`, docs/design.md §9): a `Decoder(..., lora=spec)` gives each targeted
+projection an `nnx.LoRA` adapter (float32 `lora_a` [in, r], `lora_b` [r, out], variables of
+type `nnx.LoRAParam`) applied in the forward: y = x W^T + (alpha / r) (x a) b. A model
+without `lora` has exactly the plain parameter tree.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +41,24 @@ def _normal(rngs: nnx.Rngs, shape, dtype, std=0.02):
   return (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
 
 
+@dataclasses.dataclass(frozen=True)
+class LoraSpec:
+  """Which projections get a LoRA adapter and its size (hashable: part of the graph).
+
+  `targets` is a regex matched in full against a projection's weight path, such as
+  `layers/self_attn/q_proj/weight`; `scale` is alpha / rank as in PEFT."""
+  rank: int
+  alpha: float
+  targets: str
+
+  @property
+  def scale(self) -> float:
+    return float(self.alpha) / int(self.rank)
+
+  def applies(self, weight_path: str) -> bool:
+    return self.rank > 0 and re.fullmatch(self.targets, weight_path) is not None
+
+
 def _linear(x, params):
   """x @ weight.T (+ bias) for a {'weight' [out, in], 'bias' [out] or None} dict."""
   y = jnp.einsum('...i,oi->...o', x, params['weight'])
@@ -43,14 +68,22 @@ def _linear(x, params):
 class Linear(nnx.Module):
   """y = x @ weight.T (+ bias); weight [out, in] as in torch.nn.Linear."""
 
-  def __init__(self, d_in: int, d_out: int, *, bias: bool, dtype, rngs: nnx.Rngs):
+  def __init__(self, d_in: int, d_out: int, *, bias: bool, dtype, rngs: nnx.Rngs,
+               lora: LoraSpec | None = None, path: str = ''):
     self.weight = nnx.Param(_normal(rngs, (d_out, d_in), dtype))
     self.bias = nnx.Param(jnp.zeros((d_out,), dtype)) if bias else None
+    # An adapter when `lora` targets this weight's path: nnx.LoRA's lora_a starts random,
+    # lora_b at zero, so the adapted model starts as the base model.
+    use = lora is not None and lora.applies(f'{path}/weight')
+    self.lora = nnx.LoRA(d_in, lora.rank, d_out, rngs=rngs) if use else None
+    self.lora_scale = lora.scale if use else 0.0
 
   def __call__(self, x):
     y = jnp.einsum('...i,oi->...o', x, self.weight[...])
     if self.bias is not None:
       y = y + self.bias[...]
+    if self.lora is not None:
+      y = y + (self.lora_scale * self.lora(x)).astype(y.dtype)
     return y
 
 
@@ -84,13 +117,15 @@ def apply_rope(x_BxTxHxE, cos_BxTxE, sin_BxTxE):
 
 
 class Attention(nnx.Module):
-  def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs, lora: LoraSpec | None = None):
     d, e = cfg.hidden_size, cfg.head_dim
     self.cfg = cfg
-    self.q_proj = Linear(d, cfg.num_heads * e, bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
-    self.k_proj = Linear(d, cfg.num_kv_heads * e, bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
-    self.v_proj = Linear(d, cfg.num_kv_heads * e, bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
-    self.o_proj = Linear(cfg.num_heads * e, d, bias=cfg.o_bias, dtype=dtype, rngs=rngs)
+    kw = dict(dtype=dtype, rngs=rngs, lora=lora)
+    p = 'layers/self_attn/'
+    self.q_proj = Linear(d, cfg.num_heads * e, bias=cfg.qkv_bias, path=p + 'q_proj', **kw)
+    self.k_proj = Linear(d, cfg.num_kv_heads * e, bias=cfg.qkv_bias, path=p + 'k_proj', **kw)
+    self.v_proj = Linear(d, cfg.num_kv_heads * e, bias=cfg.qkv_bias, path=p + 'v_proj', **kw)
+    self.o_proj = Linear(cfg.num_heads * e, d, bias=cfg.o_bias, path=p + 'o_proj', **kw)
     if cfg.qk_norm:
       self.q_norm = RMSNorm(e, cfg.rms_norm_eps, dtype=dtype)
       self.k_norm = RMSNorm(e, cfg.rms_norm_eps, dtype=dtype)
@@ -197,11 +232,12 @@ def _attend_one_token(q_Bx1xHkxRxE, k_BxSxHkxE, v_BxSxHkxE, kv_mask_BxS, q_slot_
 
 
 class MLP(nnx.Module):
-  def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs, lora: LoraSpec | None = None):
     d, f = cfg.hidden_size, cfg.intermediate_size
-    self.gate_proj = Linear(d, f, bias=cfg.mlp_bias, dtype=dtype, rngs=rngs)
-    self.up_proj = Linear(d, f, bias=cfg.mlp_bias, dtype=dtype, rngs=rngs)
-    self.down_proj = Linear(f, d, bias=cfg.mlp_bias, dtype=dtype, rngs=rngs)
+    kw = dict(bias=cfg.mlp_bias, dtype=dtype, rngs=rngs, lora=lora)
+    self.gate_proj = Linear(d, f, path='layers/mlp/gate_proj', **kw)
+    self.up_proj = Linear(d, f, path='layers/mlp/up_proj', **kw)
+    self.down_proj = Linear(f, d, path='layers/mlp/down_proj', **kw)
 
   def __call__(self, x, fused_gate_up=None):
     if fused_gate_up is not None:
@@ -215,11 +251,11 @@ class MLP(nnx.Module):
 
 
 class Block(nnx.Module):
-  def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs, lora: LoraSpec | None = None):
     self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
-    self.self_attn = Attention(cfg, dtype=dtype, rngs=rngs)
+    self.self_attn = Attention(cfg, dtype=dtype, rngs=rngs, lora=lora)
     self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
-    self.mlp = MLP(cfg, dtype=dtype, rngs=rngs)
+    self.mlp = MLP(cfg, dtype=dtype, rngs=rngs, lora=lora)
 
   def __call__(self, x, cos, sin, fused=None, **attn_kw):
     fused = fused or {}
@@ -245,12 +281,14 @@ def default_positions(attention_mask_BxT):
 
 class Decoder(nnx.Module):
   """A decoder-only causal LM. `model(input_ids, attention_mask=None, positions=None)`
-  returns float32 logits [B, T, V]."""
+  returns float32 logits [B, T, V]. With `lora` (a LoraSpec), the targeted projections of
+  the layers carry adapters applied in the forward (see the module docstring)."""
 
   def __init__(self, cfg: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs,
-               hf_config: dict | None = None):
+               hf_config: dict | None = None, lora: LoraSpec | None = None):
     self.cfg = cfg
     self.dtype = jnp.dtype(dtype)
+    self.lora = lora
     # The source config.json (token ids, generation defaults, ...), kept as a string so it
     # stays static module metadata; save_pretrained writes it back.
     self._hf_config_json = json.dumps(hf_config or {}, sort_keys=True)
@@ -259,7 +297,7 @@ class Decoder(nnx.Module):
     @nnx.split_rngs(splits=cfg.num_layers)
     @nnx.vmap(in_axes=(0,), out_axes=0)
     def make_layers(rngs):
-      return Block(cfg, dtype=dtype, rngs=rngs)
+      return Block(cfg, dtype=dtype, rngs=rngs, lora=lora)
 
     self.layers = make_layers(rngs)
     self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
@@ -280,6 +318,9 @@ class Decoder(nnx.Module):
     matmul (fewer, larger calls); only sensible when 'tensor' does not split those outputs.
     """
     _, layer_state = nnx.split(self.layers)
+    if fuse and self.lora is not None:
+      raise ValueError('fused decode weights ignore LoRA adapters: sample with the merged '
+                       'plain model (opd_jax.lora.merge_params)')
     out = []
     for i in range(self.cfg.num_layers):
       state = jax.tree.map(lambda x, i=i: x[i], layer_state)
