@@ -8,7 +8,7 @@ opd_single_teacher with `config.student.lora` on (tinker's default for OPD; the 
 Machines LoRA write-up finds LoRA learns less and forgets less): adapters of rank 32 on all
 seven projections of every layer (q/k/v/o/gate/up/down_proj), scale alpha / r = 1, trained
 with AdamW at 10x the full fine-tuning recipe's learning rate (that write-up's rule of
-thumb). Only the adapters (~0.6% of the parameters here) are trained and held in the
+thumb). Only the adapters (34.9M, 2% of the parameters) are trained and held in the
 optimizer state; the base stays frozen in bfloat16 (the compute dtype), sharded as before.
 The rollout samples from the merged weights W + (alpha / r) B A (docs/design.md §9). The
 export writes the merged checkpoint to workdir/export/ and the PEFT adapter to
