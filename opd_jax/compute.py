@@ -178,6 +178,36 @@ def update_flops(cfg, seq_lens, *, remat: bool) -> int:
   return _update_from_parts(parts, remat)
 
 
+# Vocabulary passes of `losses.streamed_divergence` per `loss.full_vocab` option (the exact
+# and student-top-k options, computed in the update from the teacher's hidden states).
+STREAMED_PASSES = {'forward_kl_exact': 1, 'reverse_kl_exact': 1, 'jsd_exact': 2,
+                   'reverse_kl_student_topk': 1}
+
+
+def streamed_loss_flops(student_cfg, teacher_cfg, seq_lens, option) -> int:
+  """Useful FLOPs that an exact / student-top-k `loss.full_vocab` option adds to the update
+  on sequences [B] (real tokens per row); 0 for the other options (None, top-k).
+
+  Per predicting position (n - 1 per row) and vocabulary pass: the forward computes the
+  student's and the teacher's logits (2 D V each); the backward pass recomputes both (each
+  vocabulary chunk is under `jax.checkpoint`) and runs the student's two gradient matmuls
+  (hidden states and output projection, 2 D V each); the teacher gets no gradient. So a
+  pass is 4 x the student's unembedding + 2 x the teacher's. Not counted, as elsewhere: the
+  exponentials, sums and top-k. This is in addition to `update_flops`, whose unembedding
+  term is the pass that computes the sampled tokens' logprobs.
+  """
+  passes = STREAMED_PASSES.get(option, 0)
+  if not passes:
+    return 0
+  if int(teacher_cfg.vocab_size) != int(student_cfg.vocab_size):
+    raise ValueError(f'teacher vocabulary {teacher_cfg.vocab_size} != student vocabulary '
+                     f'{student_cfg.vocab_size}')
+  positions = int(np.maximum(_ints(seq_lens) - 1, 0).sum())
+  per_position = 4 * unembed_position_flops(student_cfg) + 2 * unembed_position_flops(
+      teacher_cfg)
+  return passes * positions * per_position
+
+
 # ------------------------------------------------------------------------- executed FLOPs
 def auto_chunk_size(batch: int, length: int, vocab: int,
                     budget_bytes: int = DEFAULT_LOGITS_BUDGET) -> int:

@@ -363,3 +363,156 @@ def entropy_from_logp(logp_xV):
   p = jnp.exp(logp_xV)
   # p · log p with log p zeroed where p = 0: a −inf entry must give 0, and 0 in its gradient.
   return -jnp.sum(p * jnp.where(p > 0, logp_xV, 0.), axis=-1)
+
+
+# --------------------------------------- exact / student-top-k divergences, streamed
+# `loss.full_vocab` options (docs/design.md §3.9, §3.10). The top-k ones compare the
+# teacher's top-k (returned by its scoring, served or in process) plus a tail bucket; the
+# others need the in-process teacher's final hidden states and output projection, and are
+# computed here chunk by chunk over positions and vocabulary.
+TOPK_OPTIONS = tuple(FULL_VOCAB_LOSSES)
+EXACT_OPTIONS = {'forward_kl_exact': 'forward_kl', 'reverse_kl_exact': 'reverse_kl',
+                 'jsd_exact': 'jsd'}
+STUDENT_TOPK_OPTIONS = {'reverse_kl_student_topk': 'reverse_kl'}
+FULL_VOCAB_OPTIONS = TOPK_OPTIONS + tuple(EXACT_OPTIONS) + tuple(STUDENT_TOPK_OPTIONS)
+
+DEFAULT_VOCAB_CHUNK = 8192     # vocabulary entries per chunk
+DEFAULT_BLOCK_BUDGET = 2**26   # bytes of one fp32 [B, C, Vc] logits block (64 MiB)
+
+
+def needs_teacher_hidden(option) -> bool:
+  """True for the options computed from the teacher's hidden states in the update."""
+  return option in EXACT_OPTIONS or option in STUDENT_TOPK_OPTIONS
+
+
+def streamed_chunk_sizes(batch: int, length: int, vocab: int, chunk_size=None,
+                         vocab_chunk=None, budget_bytes: int = DEFAULT_BLOCK_BUDGET):
+  """(C positions, Vc vocabulary entries) per block of `streamed_divergence`: Vc =
+  `vocab_chunk` (default 8192) capped at V; C = `chunk_size`, or the largest power of two
+  whose fp32 [B, C, Vc] block fits `budget_bytes`, capped at T."""
+  vc = int(min(vocab, vocab_chunk or DEFAULT_VOCAB_CHUNK))
+  if chunk_size:
+    return int(min(chunk_size, max(1, length))), vc
+  c = max(1, budget_bytes // max(1, batch * vc * 4))
+  c = 1 << (c.bit_length() - 1)
+  return int(min(c, max(1, length))), vc
+
+
+def _online_lse(m, s, z):
+  """One step of a streamed logsumexp: running max m (no gradient: the result does not
+  depend on it) and sum s of exp(z − m); z [..., Vc] may hold −inf."""
+  m_new = jnp.maximum(m, _sg(jnp.max(z, axis=-1)))
+  return m_new, s * jnp.exp(m - m_new) + jnp.sum(jnp.exp(z - m_new[..., None]), axis=-1)
+
+
+def streamed_divergence(option, student_h_BxTxD, student_w_VxD, teacher_h_BxTxD,
+                        teacher_w_VxD, *, temperature: float = 1.0, beta: float = 0.5,
+                        top_k: int = 20, chunk_size=None, vocab_chunk=None):
+  """A `loss.full_vocab` divergence per position from hidden states, never forming [B, T, V].
+
+  student_h_BxTxD, student_w_VxD: the student's final hidden states and output projection
+    (differentiable); teacher_h_BxTxD, teacher_w_VxD: the teacher's (constants; its hidden
+    size may differ). Position t's logits are h[t] @ w.T / temperature for each model.
+  option: a key of EXACT_OPTIONS (KL(p_t ‖ p_s), KL(p_s ‖ p_t) or JSD(β) over all V) or of
+    STUDENT_TOPK_OPTIONS (reverse KL on the student's top_k tokens plus a tail bucket each
+    side, the teacher's logprobs at those tokens).
+  Returns [B, T] nats, equal to full_vocab_loss / topk_loss on the full log-softmaxes.
+
+  Positions run in chunks of C (a `lax.scan`), and within a chunk the vocabulary in chunks
+  of Vc (a nested `lax.scan` whose body is under `jax.checkpoint`), with streamed
+  logsumexps and sums: the largest live array is one [B, C, Vc] block per model, in the
+  forward pass and in the backward pass, which recomputes each block's logits. The KLs and
+  the student top-k take one pass over the vocabulary; JSD takes two (the log-normalisers
+  first, since log m needs normalised probabilities).
+  """
+  if option in EXACT_OPTIONS:
+    kind = EXACT_OPTIONS[option]
+  elif option in STUDENT_TOPK_OPTIONS:
+    kind = 'student_topk'
+  else:
+    raise ValueError(f'streamed_divergence: unknown option {option!r}; known: '
+                     f'{", ".join(list(EXACT_OPTIONS) + list(STUDENT_TOPK_OPTIONS))}')
+  b, t, _ = student_h_BxTxD.shape
+  vocab = student_w_VxD.shape[0]
+  _expect_shape('teacher_h_BxTxD', teacher_h_BxTxD, (b, t, teacher_w_VxD.shape[1]))
+  _expect_shape('teacher_w_VxD', teacher_w_VxD, (vocab, teacher_w_VxD.shape[1]))
+  c, vc = streamed_chunk_sizes(b, t, vocab, chunk_size, vocab_chunk)
+  k = int(min(top_k, vocab))
+  if kind == 'student_topk' and k < 1:
+    raise ValueError(f'streamed_divergence: top_k must be >= 1, got {top_k}')
+  nv = -(-vocab // vc)
+  ws, wt = student_w_VxD, _sg(teacher_w_VxD)
+  inv_t = 1.0 / float(temperature)
+
+  def logits(h, w):
+    z = jnp.einsum('bcd,vd->bcv', h, w, preferred_element_type=jnp.float32)
+    return z * inv_t if inv_t != 1.0 else z
+
+  def position_chunk(_, hs):
+    h_s, h_t = hs
+
+    def block(i):  # the chunk's logits on vocabulary chunk i, and with −inf where masked
+      # Chunk i covers entries [i·Vc, (i + 1)·Vc); the last one starts at V − Vc instead
+      # (slices of the weights as they are: no padded copy) and masks the entries its
+      # predecessor covered. The mask is additive on a [Vc] vector: a [B, C, Vc] boolean
+      # built from i alone would be saved for the backward pass at every step.
+      start = jnp.minimum(i * vc, vocab - vc)
+      dup = jnp.where(start + jnp.arange(vc) < i * vc, -jnp.inf, 0.)
+      zs = logits(h_s, jax.lax.dynamic_slice_in_dim(ws, start, vc))
+      zt = logits(h_t, jax.lax.dynamic_slice_in_dim(wt, start, vc))
+      return zs, zt, zs + dup, zt + dup
+
+    def first_pass(carry, i):
+      zs, zt, zs_m, zt_m = block(i)
+      new = dict(carry)
+      new['ms'], new['ss'] = _online_lse(carry['ms'], carry['ss'], zs_m)
+      new['mt'], new['st'] = _online_lse(carry['mt'], carry['st'], zt_m)
+      if kind in ('reverse_kl', 'forward_kl'):
+        # Σ_v exp(z_p − m_p)(z_p − z_q), p the distribution KL(p ‖ q) weights by
+        zp_m, zp, zq, mp_old, mp = ((zs_m, zs, zt, carry['ms'], new['ms'])
+                                    if kind == 'reverse_kl' else
+                                    (zt_m, zt, zs, carry['mt'], new['mt']))
+        # exp(−inf) = 0 on masked entries, times a finite difference
+        term = jnp.exp(zp_m - mp[..., None]) * (zp - zq)
+        new['a'] = carry['a'] * jnp.exp(mp_old - mp) + jnp.sum(term, axis=-1)
+      elif kind == 'student_topk':
+        vs, idx = jax.lax.top_k(zs_m, min(k, vc))
+        top_s = jnp.concatenate([carry['top_s'], vs], -1)
+        top_t = jnp.concatenate([carry['top_t'], jnp.take_along_axis(zt, idx, -1)], -1)
+        new['top_s'], sel = jax.lax.top_k(top_s, k)
+        new['top_t'] = jnp.take_along_axis(top_t, sel, -1)
+      return new, None
+
+    zeros = jnp.zeros((b, c), jnp.float32)
+    carry = {'ms': zeros - jnp.inf, 'ss': zeros, 'mt': zeros - jnp.inf, 'st': zeros}
+    if kind in ('reverse_kl', 'forward_kl'):
+      carry['a'] = zeros
+    if kind == 'student_topk':
+      carry['top_s'] = carry['top_t'] = jnp.full((b, c, k), -jnp.inf, jnp.float32)
+    steps = jnp.arange(nv)
+    out, _ = jax.lax.scan(jax.checkpoint(first_pass), carry, steps)
+    lse_s = out['ms'] + jnp.log(out['ss'])
+    lse_t = out['mt'] + jnp.log(out['st'])
+    if kind == 'reverse_kl':
+      return None, out['a'] / out['ss'] - lse_s + lse_t
+    if kind == 'forward_kl':
+      return None, out['a'] / out['st'] - lse_t + lse_s
+    if kind == 'student_topk':
+      return None, topk_loss('reverse_kl', out['top_s'] - lse_s[..., None],
+                             out['top_t'] - lse_t[..., None])
+
+    def second_pass(total, i):  # JSD on normalised logprobs, summed over vocabulary chunks
+      _, _, zs_m, zt_m = block(i)
+      return total + generalized_jsd(zs_m - lse_s[..., None], zt_m - lse_t[..., None],
+                                     beta), None
+    total, _ = jax.lax.scan(jax.checkpoint(second_pass), zeros, steps)
+    return None, total
+
+  n = -(-t // c)
+
+  def to_chunks(x):  # [B, T, D] -> [W, B, C, D]
+    x = jnp.pad(x, ((0, 0), (0, n * c - t), (0, 0)))
+    return jnp.moveaxis(x.reshape((b, n, c) + x.shape[2:]), 1, 0)
+  _, out = jax.lax.scan(position_chunk, None, (to_chunks(student_h_BxTxD),
+                                               to_chunks(_sg(teacher_h_BxTxD))))
+  return jnp.moveaxis(out, 0, 1).reshape(b, n * c)[:, :t]

@@ -89,12 +89,14 @@ def _token_stats(logp_BxCxV, ex, *, top_k: int, with_entropy: bool):
 
 def score_model(model, tokens_BxT, mask_BxT, *, positions_BxT=None, temperature: float = 1.0,
                 top_k: int = 0, with_entropy: bool = False, chunk_size: int | None = None,
-                remat: bool = False) -> dict[str, jax.Array]:
+                remat: bool = False, with_hidden: bool = False) -> dict[str, jax.Array]:
   """Per-token logprobs of `tokens` under a (merged) Decoder; differentiable.
 
   Returns {'logprobs' [B, T]} plus 'top_logprobs' / 'top_ids' [B, T, K] and 'tail_logprob'
   [B, T] (log of the mass outside the top-k; -inf when K = V) when top_k > 0, and
   'entropy' [B, T] (nats) when asked. All float32 (ids int32), zero at t = 0 and where mask is 0.
+  `with_hidden` adds 'hidden' [B, T, D] (the model's dtype): the final hidden state that
+  predicts position t (the exact full-vocabulary losses recompute logits from it).
   """
   hidden, _ = model.hidden(tokens_BxT, mask_BxT, positions_BxT, remat=remat)
   # hidden[t - 1] predicts tokens[t]; the last hidden state predicts nothing here.
@@ -103,6 +105,8 @@ def score_model(model, tokens_BxT, mask_BxT, *, positions_BxT=None, temperature:
       functools.partial(_token_stats, top_k=top_k, with_entropy=with_entropy),
       {'target': tokens_BxT[:, 1:].astype(jnp.int32)},
       chunk_size=chunk_size, temperature=temperature, remat=remat)
+  if with_hidden:
+    out['hidden'] = hidden[:, :-1]
   valid = mask_BxT[:, 1:].astype(bool) & mask_BxT[:, :-1].astype(bool)
 
   def align(x):  # [B, T-1, ...] -> [B, T, ...], zero where invalid
@@ -114,7 +118,7 @@ def score_model(model, tokens_BxT, mask_BxT, *, positions_BxT=None, temperature:
 
 def make_score_fn(graphdef: nnx.GraphDef, *, temperature: float = 1.0, top_k: int = 0,
                   with_entropy: bool = False, chunk_size: int | None = None,
-                  micro_batches: int = 1):
+                  micro_batches: int = 1, with_hidden: bool = False):
   """A jitted `(params, tokens_BxT, mask_BxT) -> dict` for a frozen model (teacher,
   reference, or the student without gradients). Compiled once per (B, T) shape; callers
   bucket their shapes (see `opd_jax.buckets`).
@@ -127,7 +131,8 @@ def make_score_fn(graphdef: nnx.GraphDef, *, temperature: float = 1.0, top_k: in
   def score(params, tokens_BxT, mask_BxT):
     model = nnx.merge(graphdef, params)
     fn = functools.partial(score_model, model, temperature=temperature, top_k=top_k,
-                           with_entropy=with_entropy, chunk_size=chunk_size)
+                           with_entropy=with_entropy, chunk_size=chunk_size,
+                           with_hidden=with_hidden)
     m = row_groups(tokens_BxT.shape[0], micro_batches)
     if m == 1:
       return fn(tokens_BxT, mask_BxT)

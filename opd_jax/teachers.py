@@ -115,7 +115,7 @@ class LocalTeacher:
 
   def __init__(self, spec: TeacherSpec, *, student_mesh, top_k: int = 0,
                temperature: float = 1.0, model=None, micro_batches: int = 1, parts=None,
-               devices=None):
+               devices=None, with_hidden: bool = False):
     self.spec = spec
     self.name = spec.name
     self.mesh = teacher_mesh(spec, student_mesh, devices)
@@ -126,10 +126,29 @@ class LocalTeacher:
       parts = (*nnx.split(model), model.cfg)
     self.graphdef, self.params, self.cfg = parts
     self.score_fn = make_score_fn(self.graphdef, top_k=top_k, temperature=temperature,
-                                  micro_batches=micro_batches)
+                                  micro_batches=micro_batches, with_hidden=with_hidden)
     self.top_k = top_k
+    self.with_hidden = with_hidden  # score() also returns 'hidden' [B, T, D]
     self.tokens_scored = 0
     self.rows_forwarded = 0
+
+  def unembed_on(self, mesh):
+    """The teacher's output projection [V, D] (its dtype) on `mesh`: the same array on the
+    teacher's own mesh, else a copy sharded like an LM head there (ShapeDtypeStructs when
+    the parameters are abstract). The exact full-vocabulary losses read it in the update."""
+    if any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(self.params)):
+      leaves = {shd.path_str(kp): x for kp, x in
+                jax.tree_util.tree_leaves_with_path(self.params)}
+      w = leaves.get('lm_head/weight', leaves.get('embed_tokens/weight'))  # tied: embedding
+    else:
+      w = nnx.merge(self.graphdef, self.params).unembed_weight()
+    if mesh is self.mesh:
+      return w
+    spec = shd.spec_for('lm_head/weight', w.shape, mesh, shd.get_rules(self.spec.sharding))
+    sharding = NamedSharding(mesh, spec)
+    if isinstance(w, jax.ShapeDtypeStruct):
+      return jax.ShapeDtypeStruct(w.shape, w.dtype, sharding=sharding)
+    return jax.device_put(w, sharding)
 
   def score(self, tokens_BxT, mask_BxT, rows: np.ndarray, *, out_sharding=None):
     """Scores `rows` of the (device) batch; returns {'logprobs' [B, T], ...} for all B rows

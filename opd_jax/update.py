@@ -68,8 +68,10 @@ class LossSpec:
   clip_eps_high: float | None = None
   ratio_level: str = 'token'
   aggregation: str = 'token-mean'
-  full_vocab: str | None = None         # None | 'forward_kl' | 'reverse_kl' | 'jsd'
+  full_vocab: str | None = None         # None | a key of losses.FULL_VOCAB_OPTIONS
   full_vocab_coef: float = 0.0
+  full_vocab_top_k: int = 20            # K of 'reverse_kl_student_topk'
+  vocab_chunk_size: int | None = None   # Vc of the streamed (exact / student top-k) options
   jsd_beta: float = 0.5
   chunk_size: int | None = None
   remat: bool = True
@@ -94,6 +96,16 @@ class UpdateBatch:
   advantages: Any = None
   teacher_top_ids: Any = None
   teacher_top_logprobs: Any = None
+  # The exact / student-top-k options (losses.needs_teacher_hidden): the in-process teacher's
+  # final hidden states [B, T, Dt] (aligned like its logprobs) and its output projection
+  # [V, Dt]. The projection is the one field that is not per row: the update and the
+  # trainer's mini-batches never split it (`rows`).
+  teacher_hidden: Any = None
+  teacher_unembed: Any = None
+
+  def rows(self, lo: int, hi: int) -> 'UpdateBatch':
+    """Rows [lo, hi) of every per-row field."""
+    return _map_rows(lambda x: x[lo:hi], self)
 
   @classmethod
   def of(cls, batch) -> 'UpdateBatch':
@@ -110,11 +122,20 @@ class UpdateBatch:
     need = []
     if spec.kind == 'pg':
       need += ['behaviour_logprobs', 'advantages']
-      if spec.full_vocab:
+      if losses.needs_teacher_hidden(spec.full_vocab):
+        need += ['teacher_hidden', 'teacher_unembed']
+      elif spec.full_vocab:
         need += ['teacher_top_ids', 'teacher_top_logprobs']
     missing = [n for n in need if getattr(self, n) is None]
     if missing:
       raise ValueError(f'update batch for the {spec.kind!r} loss lacks {missing}')
+
+
+def _map_rows(fn, batch: UpdateBatch) -> UpdateBatch:
+  """`fn` applied to every per-row field (all but teacher_unembed)."""
+  w = batch.teacher_unembed
+  out = jax.tree.map(fn, dataclasses.replace(batch, teacher_unembed=None))
+  return dataclasses.replace(out, teacher_unembed=w)
 
 
 # ---------------------------------------------------------------- metric accumulators
@@ -195,7 +216,7 @@ def _position_terms(logp_BxCxV, ex, *, spec: LossSpec):
     logp_pi = jax.nn.log_softmax(policy_lib.truncate(logp_BxCxV, spec.top_k, spec.top_p), -1)
   out = {'logprobs': jnp.take_along_axis(logp_pi, ex['target'][..., None], -1)[..., 0],
          'entropy': jax.lax.stop_gradient(losses.entropy_from_logp(logp_pi))}
-  if spec.full_vocab:
+  if spec.full_vocab and not losses.needs_teacher_hidden(spec.full_vocab):
     student_topk = losses.gather_topk(logp_BxCxV, ex['teacher_top_ids'])
     kw = {'beta': spec.jsd_beta} if spec.full_vocab == 'jsd' else {}
     out['gkd'] = losses.topk_loss(spec.full_vocab, student_topk, ex['teacher_top_logprobs'],
@@ -210,7 +231,8 @@ def _loss_terms(params, graphdef, batch: UpdateBatch, spec: LossSpec):
   tokens, attn, lmask = batch.tokens, batch.attention_mask, batch.loss_mask
   hidden, _ = model.hidden(tokens, attn, remat=spec.remat)
   extras = {'target': tokens[:, 1:].astype(jnp.int32)}
-  if spec.full_vocab:
+  streamed = losses.needs_teacher_hidden(spec.full_vocab)
+  if spec.full_vocab and not streamed:
     extras.update(teacher_top_ids=batch.teacher_top_ids[:, 1:],
                   teacher_top_logprobs=batch.teacher_top_logprobs[:, 1:])
   # hidden[t - 1] predicts tokens[t]: shift, then pad position 0 (never a loss position).
@@ -218,6 +240,12 @@ def _loss_terms(params, graphdef, batch: UpdateBatch, spec: LossSpec):
                          functools.partial(_position_terms, spec=spec), extras,
                          chunk_size=spec.chunk_size, temperature=spec.temperature,
                          remat=spec.remat)
+  if streamed:  # a second pass over the same hidden states, vocabulary chunk by chunk
+    out['gkd'] = losses.streamed_divergence(
+        spec.full_vocab, hidden[:, :-1], model.unembed_weight(), batch.teacher_hidden[:, 1:],
+        batch.teacher_unembed, temperature=spec.temperature, beta=spec.jsd_beta,
+        top_k=spec.full_vocab_top_k, chunk_size=spec.chunk_size,
+        vocab_chunk=spec.vocab_chunk_size)
   out = {k: jnp.pad(v, ((0, 0), (1, 0))) for k, v in out.items()}
   s = out['logprobs']
   m = lmask.astype(jnp.float32)
@@ -289,16 +317,20 @@ def make_update_fn(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, sch
 
     def micro(carry, mb):
       grads, loss_sum, stats = carry
-      (lv, st), g = value_and_grad(state['params'], mb)
+      (lv, st), g = value_and_grad(state['params'], with_unembed(mb))
       grads = jax.tree.map(jnp.add, grads, g)
       return (grads, loss_sum + lv, merge_metrics(stats, st)), None
 
     # Micro-batch m takes rows m, M + m, 2M + m, ...: the batch's row sharding stays on the
     # rows of every micro-batch (a contiguous split would hand whole micro-batches to single
     # devices, and XLA would then compute each one replicated).
-    split = split_rows(batch, micro_batches)
+    # The teacher's output projection is shared by every micro-batch, not split by rows.
+    split = split_rows(dataclasses.replace(batch, teacher_unembed=None), micro_batches)
+
+    def with_unembed(mb):
+      return dataclasses.replace(mb, teacher_unembed=batch.teacher_unembed)
     zeros = jax.tree.map(jnp.zeros_like, state['params'])
-    first = jax.tree.map(lambda x: x[0], split)
+    first = with_unembed(jax.tree.map(lambda x: x[0], split))
     stats0 = jax.eval_shape(lambda: loss_terms(state['params'], frozen_params, first)[1])
     stats0 = {k: jax.tree.map(jnp.zeros_like, v).identity() for k, v in stats0.items()}
     (grads, loss_sum, stats), _ = jax.lax.scan(micro, (zeros, jnp.zeros(()), stats0), split)

@@ -310,3 +310,19 @@ def test_raw_xla_counts_scan_bodies_once(parts, name):
   print(f'{name} raw: one-layer analytic {one_layer:.4g} / XLA {xla:.4g} = '
         f'{one_layer / xla:.4f}')
   assert abs(one_layer / xla - 1) < RTOL
+
+
+def test_streamed_full_vocab_flops():
+  """The exact / student-top-k options add, per predicting position and vocabulary pass,
+  4 student unembeddings (forward, backward recompute, two gradient matmuls) and 2 of the
+  teacher (forward, recompute); JSD makes two passes; the top-k options add nothing."""
+  teacher = dataclasses.replace(CFG, hidden_size=2 * CFG.hidden_size)
+  lens = np.array([10, 4, 1])
+  positions = 9 + 3 + 0
+  per = 2 * VOCAB * (4 * CFG.hidden_size + 2 * teacher.hidden_size)
+  for option, passes in (('reverse_kl_exact', 1), ('forward_kl_exact', 1), ('jsd_exact', 2),
+                         ('reverse_kl_student_topk', 1), ('reverse_kl', 0), (None, 0)):
+    assert compute.streamed_loss_flops(CFG, teacher, lens, option) == passes * positions * per
+  with pytest.raises(ValueError, match='teacher vocabulary'):
+    compute.streamed_loss_flops(CFG, dataclasses.replace(CFG, vocab_size=VOCAB + 1), lens,
+                                'jsd_exact')

@@ -110,3 +110,44 @@ def test_sharded_update_applies_activation_constraints_without_a_mesh_context(hf
   text = make_update_fn(graphdef, tx, sched, LossSpec(), micro_batches=2,
                         state_shardings=shardings).lower(state, batch).as_text()
   assert text.count('sharding_constraint') >= 4, text.count('sharding_constraint')
+
+
+@pytest.mark.parametrize('exact, topk', [('reverse_kl_exact', 'reverse_kl')])
+def test_streamed_full_vocab_terms_equal_the_top_k_term_at_k_equal_v(hf_checkpoints,
+                                                                     model_parts, exact, topk):
+  """The update's exact (and student-top-k with K = V) terms, computed from the teacher's
+  hidden states and output projection vocabulary chunk by chunk, give the same step as the
+  teacher-top-k term with K = V; micro-batches keep the projection whole."""
+  from opd_jax.scoring import score_model
+  from opd_jax.update import UpdateBatch
+  graphdef, params = model_parts
+  teacher = load_pretrained(hf_checkpoints['qwen3'])            # tied embeddings, D = 64
+  raw = {k: jnp.asarray(v) for k, v in _batch(2).items()}
+  vocab, temp = 128, 0.8
+  t_out = score_model(teacher, raw['tokens'], raw['attention_mask'], temperature=temp,
+                      top_k=vocab, with_hidden=True)
+  assert t_out['hidden'].shape == (8, 24, 64)
+  np.testing.assert_array_equal(t_out['hidden'][:, 0], 0.)       # position 0 predicts nothing
+  tx, sched = make_optimizer(OPTIM, total_steps=10)
+  outs = {}
+  for option, micro in ((exact, 2), (topk, 1)):
+    spec = LossSpec(temperature=temp, full_vocab=option, full_vocab_coef=0.7, chunk_size=8,
+                    full_vocab_top_k=vocab, vocab_chunk_size=48)
+    extra = (dict(teacher_hidden=t_out['hidden'], teacher_unembed=teacher.unembed_weight())
+             if option == exact else dict(teacher_top_ids=t_out['top_ids'],
+                                          teacher_top_logprobs=t_out['top_logprobs']))
+    batch = UpdateBatch(**raw, **extra)
+    if option == exact:
+      part = batch.rows(2, 5)  # mini-batches slice the rows, never the projection
+      assert part.tokens.shape[0] == 3 and part.teacher_unembed.shape == (vocab, 64)
+    state = make_train_state(jax.tree.map(jnp.copy, params), tx)
+    outs[option] = make_update_fn(graphdef, tx, sched, spec, micro_batches=micro)(state, batch)
+  (s_e, m_e), (s_k, m_k) = outs[exact], outs[topk]
+  assert float(m_e['loss/full_vocab']) > 1e-3
+  for key in ('loss', 'loss/full_vocab', 'grad_norm'):
+    np.testing.assert_allclose(float(m_e[key]), float(m_k[key]), rtol=1e-4, err_msg=key)
+  for a, b in zip(jax.tree.leaves(s_e['params']), jax.tree.leaves(s_k['params'])):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+  with pytest.raises(ValueError, match=r"lacks \['teacher_hidden', 'teacher_unembed'\]"):
+    make_update_fn(graphdef, tx, sched, LossSpec(full_vocab=exact))(
+        make_train_state(params, tx), raw)
