@@ -28,6 +28,7 @@ import numpy as np
 from flax import nnx
 
 from opd_jax import advantages as adv_lib
+from opd_jax import losses
 from opd_jax import lora as lora_lib
 from opd_jax import sharding as shd
 from opd_jax import tiny
@@ -65,8 +66,14 @@ def validate(config, mesh=None) -> None:
                         'config.rl.default_reward')
   if config.gopd.enabled and not config.teachers:
     raise ConfigError('config.gopd.enabled needs at least one teacher')
+  if config.loss.full_vocab and config.loss.full_vocab not in losses.FULL_VOCAB_OPTIONS:
+    raise ConfigError(f'config.loss.full_vocab={config.loss.full_vocab!r}; known: '
+                      f'{", ".join(losses.FULL_VOCAB_OPTIONS)}')
   if config.loss.full_vocab and len(config.teachers) != 1:
     raise ConfigError('config.loss.full_vocab (top-k distillation) needs exactly one teacher')
+  if config.loss.vocab_chunk_size is not None and config.loss.vocab_chunk_size < 1:
+    raise ConfigError(f'config.loss.vocab_chunk_size={config.loss.vocab_chunk_size}: must be '
+                      '>= 1 (None: 8192)')
   if not config.data.train:
     raise ConfigError('config.data.train: no training files')
   ro = config.rollout
@@ -86,13 +93,21 @@ def validate(config, mesh=None) -> None:
   if ro.slots < 0:
     raise ConfigError(f'config.rollout.slots={ro.slots}: the number of rows decoded at once '
                       'must be >= 0 (0: static batching)')
-  if config.loss.full_vocab and config.loss.full_vocab_top_k < 1:
+  if (config.loss.full_vocab and config.loss.full_vocab not in losses.EXACT_OPTIONS
+      and config.loss.full_vocab_top_k < 1):
     raise ConfigError(f'config.loss.full_vocab_top_k={config.loss.full_vocab_top_k}: the top-k '
                       f'distillation term needs k >= 1')
   validate_lora(config.student.lora)
   if config.mode == 'sft' and config.sft.source not in ('dataset', 'teacher'):
     raise ConfigError(f"config.sft.source={config.sft.source!r}; expected 'dataset' or 'teacher'")
   specs = teacher_specs(config)
+  if losses.needs_teacher_hidden(config.loss.full_vocab) and specs[0].remote_url:
+    raise ConfigError(
+        f'config.loss.full_vocab={config.loss.full_vocab!r} needs an in-process teacher: it '
+        'recomputes the teacher\'s logits over the whole vocabulary from its hidden states, '
+        f'and config.teachers.{specs[0].name} is remote ({specs[0].remote_url}), which returns '
+        f'only its own top-k logprobs. Use a top-k option ({", ".join(losses.TOPK_OPTIONS)}) '
+        'or an in-process teacher (model=...)')
   if config.mode == 'sft' and config.sft.source == 'teacher' and (
       not specs or specs[0].remote_url):
     raise ConfigError("config.sft.source='teacher' needs an in-process teacher (the first of "
@@ -188,7 +203,9 @@ def loss_spec(config) -> LossSpec:
                   aggregation=config.loss.aggregation, full_vocab=config.loss.full_vocab,
                   full_vocab_coef=config.loss.full_vocab_coef, jsd_beta=config.loss.jsd_beta,
                   chunk_size=config.loss.chunk_size, remat=config.student.remat,
-                  compute_dtype=config.student.compute_dtype)
+                  compute_dtype=config.student.compute_dtype,
+                  full_vocab_top_k=int(config.loss.full_vocab_top_k),
+                  vocab_chunk_size=config.loss.vocab_chunk_size)
 
 
 def rollout_params(config, stop_ids) -> SamplingParams:
@@ -211,9 +228,11 @@ def stop_ids(hf_config: dict, tokenizer=None, stop_tokens=()) -> tuple[int, ...]
   return tuple(sorted(ids))
 
 
-def update_batch_spec(config, mesh, rows: int, seq: int):
+def update_batch_spec(config, mesh, rows: int, seq: int, *, teacher_unembed=None):
   """The UpdateBatch the trainer feeds the update, as ShapeDtypeStructs of [rows, seq]
-  batch-sharded on `mesh` (fields by the loss: SFT, 'pg', top-k distillation)."""
+  batch-sharded on `mesh` (fields by the loss: SFT, 'pg', top-k distillation; for the exact
+  / student-top-k options the teacher's hidden states and `teacher_unembed`, by default a
+  ShapeDtypeStruct from the teacher's architecture, sharded like an LM head)."""
   from opd_jax.update import UpdateBatch
   bsh = shd.batch_sharding(mesh, 2)
 
@@ -224,7 +243,20 @@ def update_batch_spec(config, mesh, rows: int, seq: int):
     return UpdateBatch(*ints)
   batch = UpdateBatch(*ints, behaviour_logprobs=sds((rows, seq), jnp.float32),
                       advantages=sds((rows, seq), jnp.float32))
-  if config.loss.full_vocab:
+  if losses.needs_teacher_hidden(config.loss.full_vocab):
+    if teacher_unembed is None:
+      spec = teacher_specs(config)[0]
+      src = model_source(spec.model, f'config.teachers.{spec.name}.model')
+      shape = (src.cfg.vocab_size, src.cfg.hidden_size)
+      teacher_unembed = sds(shape, jnp.dtype(spec.dtype), jax.sharding.NamedSharding(
+          mesh, shd.spec_for('lm_head/weight', shape, mesh, shd.get_rules(spec.sharding))))
+    d_t = teacher_unembed.shape[1]
+    batch = dataclasses.replace(
+        batch, teacher_hidden=sds((rows, seq, d_t), teacher_unembed.dtype,
+                                  shd.batch_sharding(mesh, 3)),
+        teacher_unembed=jax.ShapeDtypeStruct(teacher_unembed.shape, teacher_unembed.dtype,
+                                             sharding=teacher_unembed.sharding))
+  elif config.loss.full_vocab:
     k, bsh3 = int(config.loss.full_vocab_top_k), shd.batch_sharding(mesh, 3)
     batch = dataclasses.replace(batch, teacher_top_ids=sds((rows, seq, k), jnp.int32, bsh3),
                                 teacher_top_logprobs=sds((rows, seq, k), jnp.float32, bsh3))
@@ -331,9 +363,11 @@ class _RemoteInAot:
 
 def make_teacher(spec: TeacherSpec, *, student_mesh, student_tokenizer=None, top_k: int = 0,
                  temperature: float = 1.0, micro_batches: int = 1, abstract: bool = False,
-                 devices=None, field: str | None = None) -> Teacher:
+                 devices=None, field: str | None = None, with_hidden: bool = False) -> Teacher:
   """The one constructor of a teacher (or the G-OPD reference) from its spec, so that
-  in-process and remote teachers score with the same temperature and top-k."""
+  in-process and remote teachers score with the same temperature and top-k. `with_hidden`
+  (in-process only): scoring also returns the final hidden states (the exact
+  full-vocabulary options)."""
   field = field or f'config.teachers.{spec.name}.model'
   if spec.remote_url:
     if abstract:
@@ -347,7 +381,8 @@ def make_teacher(spec: TeacherSpec, *, student_mesh, student_tokenizer=None, top
     graphdef, params = abstract_model(src, jnp.dtype(spec.dtype), mesh, spec.sharding)
     teacher = LocalTeacher(spec, student_mesh=student_mesh, top_k=top_k,
                            temperature=temperature, micro_batches=micro_batches,
-                           parts=(graphdef, params, src.cfg), devices=devices)
+                           parts=(graphdef, params, src.cfg), devices=devices,
+                           with_hidden=with_hidden)
     teacher.where = src.where
     return teacher
   spec = dataclasses.replace(spec, model=tiny.resolve_model(spec.model))
@@ -358,7 +393,7 @@ def make_teacher(spec: TeacherSpec, *, student_mesh, student_tokenizer=None, top
         student_tokenizer, transformers.AutoTokenizer.from_pretrained(spec.model),
         teacher_name=f'teacher {spec.name!r} ({spec.model})')
   return LocalTeacher(spec, student_mesh=student_mesh, top_k=top_k, temperature=temperature,
-                      micro_batches=micro_batches)
+                      micro_batches=micro_batches, with_hidden=with_hidden)
 
 
 # ---------------------------------------------------------------------------------- run
@@ -393,6 +428,9 @@ class Run:
   lora: Any = None
   base: Any = None
   train_graphdef: Any = None
+  # The exact / student-top-k `loss.full_vocab` options: the teacher's output projection
+  # [V, D] on the student's mesh (UpdateBatch.teacher_unembed).
+  teacher_unembed: Any = None
 
   @property
   def coef_J(self):
@@ -457,7 +495,11 @@ def build_run(config, mesh, *, tokenizer=None, abstract: bool = False, devices=N
   validate(config, mesh)
   notes: list[str] = []
   micro = int(config.batch.micro_batches)
-  top_k = int(config.loss.full_vocab_top_k) if config.loss.full_vocab else 0
+  # The teacher returns its top-k for the top-k options; for the exact / student-top-k ones
+  # its hidden states, from which the update recomputes its logits (losses §3.10).
+  top_k = (int(config.loss.full_vocab_top_k) if config.loss.full_vocab in losses.TOPK_OPTIONS
+           else 0)
+  with_hidden = losses.needs_teacher_hidden(config.loss.full_vocab)
   temperature = float(config.rollout.temperature)
   # ------------------------------------------------------------------------ student
   lora = lora_lib.spec_from_config(config)
@@ -497,7 +539,16 @@ def build_run(config, mesh, *, tokenizer=None, abstract: bool = False, devices=N
       notes.append(f'teacher {spec.name!r} is remote ({spec.remote_url}): not compiled here')
     teachers.append(make_teacher(spec, student_mesh=mesh, student_tokenizer=tokenizer,
                                  top_k=top_k, temperature=temperature, micro_batches=micro,
-                                 abstract=abstract, devices=devices))
+                                 abstract=abstract, devices=devices, with_hidden=with_hidden))
+  teacher_unembed = None
+  if with_hidden:
+    if int(teachers[0].cfg.vocab_size) != int(cfg.vocab_size):
+      raise ConfigError(
+          f'config.loss.full_vocab={config.loss.full_vocab!r}: the teacher '
+          f'{specs[0].name!r} has {teachers[0].cfg.vocab_size} output logits and the student '
+          f'{cfg.vocab_size}; the exact divergences need the same vocabulary on both sides '
+          '(use a top-k option)')
+    teacher_unembed = teachers[0].unembed_on(mesh)
   reference = None
   if config.gopd.enabled:
     ref = config.gopd.reference
@@ -540,7 +591,7 @@ def build_run(config, mesh, *, tokenizer=None, abstract: bool = False, devices=N
              teacher_sp=teacher_sp, tx=tx, schedule=schedule,
              param_shardings=param_shardings, state_shardings=state_shardings,
              update_fn=update_fn, loss=spec, notes=notes, lora=lora, base=base,
-             train_graphdef=train_graphdef)
+             train_graphdef=train_graphdef, teacher_unembed=teacher_unembed)
 
 
 __all__ = ['ConfigError', 'ModelSource', 'Run', 'abstract_model', 'batch_rows', 'build_run',

@@ -97,11 +97,14 @@ def base_config() -> ConfigDict:
       clip_eps_high=placeholder(float),
       ratio_level='token',       # 'token' | 'sequence' (GSPO)
       aggregation='token-mean',  # 'token-mean' | 'seq-mean-token-mean'
-      full_vocab=placeholder(str),       # None | 'forward_kl' | 'reverse_kl' | 'jsd' (top-k)
+      # None | top-k: 'forward_kl' | 'reverse_kl' | 'jsd' | exact (in-process teacher):
+      # 'forward_kl_exact' | 'reverse_kl_exact' | 'jsd_exact' | 'reverse_kl_student_topk'
+      full_vocab=placeholder(str),
       full_vocab_coef=1.0,
       full_vocab_top_k=20,
       jsd_beta=0.5,
       chunk_size=placeholder(int),       # vocab chunk positions; None: by memory budget
+      vocab_chunk_size=placeholder(int), # vocabulary entries per chunk (exact options); 8192
   ))
 
   c.rl = ConfigDict(dict(

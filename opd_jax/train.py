@@ -309,7 +309,10 @@ def opd_batch(loop: Loop, state, key) -> tuple[UpdateBatch, dict]:
       s_b, t_JxBxT, ref, r.coef_J, jnp.asarray(route), lmask, outcome, mode=r.adv_mode,
       clamp=c.loss.kl_clamp, reward_scale=c.gopd.reward_scale)
   batch = UpdateBatch(tokens, attn, lmask, behaviour_logprobs=s_b, advantages=adv)
-  if c.loss.full_vocab:
+  if c.loss.full_vocab and r.teacher_unembed is not None:  # exact / student-top-k options
+    batch = dataclasses.replace(batch, teacher_hidden=extras[r.teachers[0].name]['hidden'],
+                                teacher_unembed=r.teacher_unembed)
+  elif c.loss.full_vocab:
     ex = extras[r.teachers[0].name]
     batch = dataclasses.replace(batch, teacher_top_ids=ex['top_ids'],
                                 teacher_top_logprobs=ex['top_logprobs'])
@@ -333,7 +336,7 @@ def apply_update(loop: Loop, state, batch: UpdateBatch, step: int):
   t0 = time.time()
   rows = batch.tokens.shape[0]
   for i in range(mini):
-    part = jax.tree.map(lambda x: x[i * rows // mini:(i + 1) * rows // mini], batch)
+    part = batch.rows(i * rows // mini, (i + 1) * rows // mini)
     state, upd = r.update_fn(state, part)
     if i == 0 and 'is/sampler_logprob_gap' in upd:  # only the first update is on-policy
       gap = upd['is/sampler_logprob_gap']
@@ -351,6 +354,9 @@ def apply_update(loop: Loop, state, batch: UpdateBatch, step: int):
   metrics['perf/tokens_per_s/update'] = float(seq_lens.sum()) / t_update
   loop.flops.add('update', compute.update_flops(r.student_cfg, seq_lens,
                                                 remat=bool(loop.config.student.remat)))
+  if r.teacher_unembed is not None:  # the exact / student-top-k pass over the vocabulary
+    loop.flops.add('update', compute.streamed_loss_flops(
+        r.student_cfg, r.teachers[0].cfg, seq_lens, loop.config.loss.full_vocab))
   metrics.update(loop.flops.metrics())
   return state, metrics
 

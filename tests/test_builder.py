@@ -65,3 +65,44 @@ def test_resume_refuses_a_changed_objective_and_continues_a_longer_run(tmp_path)
   assert longer['step'] == 3 and [s for s, _ in longer['history']['loss']] == [1, 2, 3]
   with open(tmp_path / 'config.json') as f:
     assert json.load(f)['total_steps'] == 3
+
+
+def test_full_vocab_option_checks_name_the_field():
+  def check(name, **kw):
+    builder.validate(with_overrides(load_config(name, 'runlocal'), **kw))
+  # a remote teacher returns only its own top-k: the exact options are refused, naming it
+  for option in ('reverse_kl_exact', 'forward_kl_exact', 'jsd_exact',
+                 'reverse_kl_student_topk'):
+    with pytest.raises(ConfigError, match=rf"config.loss.full_vocab='{option}' needs an "
+                                          r'in-process teacher.*config.teachers.teacher is '
+                                          'remote'):
+      check('opd_remote_teacher', loss__full_vocab=option)
+    check('opd_single_teacher', loss__full_vocab=option)    # in process: fine
+  check('opd_remote_teacher', loss__full_vocab='reverse_kl')  # top-k: fine remotely
+  with pytest.raises(ConfigError, match=r"config.loss.full_vocab='rkl'; known: forward_kl, "
+                                        'reverse_kl, jsd, forward_kl_exact'):
+    check('opd_single_teacher', loss__full_vocab='rkl')
+  with pytest.raises(ConfigError, match='config.loss.vocab_chunk_size=0'):
+    check('opd_single_teacher', loss__full_vocab='jsd_exact', loss__vocab_chunk_size=0)
+  with pytest.raises(ConfigError, match='config.loss.full_vocab_top_k=0'):
+    check('opd_single_teacher', loss__full_vocab='reverse_kl_student_topk',
+          loss__full_vocab_top_k=0)
+  check('opd_single_teacher', loss__full_vocab='reverse_kl_exact', loss__full_vocab_top_k=0)
+
+
+def test_aot_and_trainer_compile_the_same_exact_full_vocab_update():
+  """The exact option's update (teacher hidden states and output projection in the batch)
+  lowers identically with weights and from architectures alone (what opd_jax.aot compiles)."""
+  config = with_overrides(load_config('opd_single_teacher', 'runlocal'),
+                          loss__full_vocab='reverse_kl_exact')
+  mesh = shd.make_mesh(dict(config.mesh))
+  real = builder.build_run(config, mesh, tokenizer=load_data(config).tokenizer)
+  abstract = builder.build_run(config, mesh, abstract=True)
+  assert real.teachers[0].with_hidden and real.teachers[0].top_k == 0
+  assert real.teacher_unembed.shape == abstract.teacher_unembed.shape
+  rows = builder.batch_rows(config) // int(config.batch.mini_batches)
+  batch = builder.update_batch_spec(config, mesh, rows, 64)
+  assert batch.teacher_hidden.shape == (rows, 64, real.teachers[0].cfg.hidden_size)
+  assert batch.teacher_unembed.sharding == real.teacher_unembed.sharding
+  texts = [r.update_fn.lower(r.abstract_state(), batch).as_text() for r in (real, abstract)]
+  assert texts[0] == texts[1]
