@@ -109,9 +109,9 @@ def validate(config, mesh=None) -> None:
         f'only its own top-k logprobs. Use a top-k option ({", ".join(losses.TOPK_OPTIONS)}) '
         'or an in-process teacher (model=...)')
   if config.mode == 'sft' and config.sft.source == 'teacher' and (
-      not specs or specs[0].remote_url):
-    raise ConfigError("config.sft.source='teacher' needs an in-process teacher (the first of "
-                      'config.teachers)')
+      not specs or any(s.remote_url for s in specs)):
+    raise ConfigError("config.sft.source='teacher' needs in-process teachers (config.teachers "
+                      'without remote_url): they sample the SFT responses')
   if mesh is not None:
     rows = batch_rows(config)
     mini, micro = int(config.batch.mini_batches), int(config.batch.micro_batches)
@@ -413,7 +413,7 @@ class Run:
   pad_id: int
   sampler: Sampler
   rollout_sp: SamplingParams
-  teacher_sampler: Sampler | None        # SFT on teacher samples
+  teacher_sampler: Sampler | None        # SFT on teacher samples (the first teacher's)
   teacher_sp: SamplingParams | None
   tx: Any
   schedule: Any
@@ -422,6 +422,7 @@ class Run:
   update_fn: Any
   loss: LossSpec
   notes: list
+  teacher_samplers: list = dataclasses.field(default_factory=list)  # one per teacher (SFT)
   # A LoRA student (docs/design.md §9): `params` are the adapters, `base` the frozen base
   # (plain parameter tree, compute dtype), `train_graphdef` the adapted Decoder the update
   # runs; `graphdef` stays the plain Decoder (sampler, export).
@@ -570,9 +571,10 @@ def build_run(config, mesh, *, tokenizer=None, abstract: bool = False, devices=N
                     cache_dtype=jnp.dtype(config.student.compute_dtype),
                     slots=int(config.rollout.slots) or None)
   teacher_sampler = teacher_sp = None
+  teacher_samplers = []
   if config.mode == 'sft' and config.sft.source == 'teacher':
-    t0 = teachers[0]
-    teacher_sampler = Sampler(t0.graphdef, mesh=t0.mesh, pad_id=pad_id)
+    teacher_samplers = [Sampler(t.graphdef, mesh=t.mesh, pad_id=pad_id) for t in teachers]
+    teacher_sampler = teacher_samplers[0]
     teacher_sp = SamplingParams(max_new_tokens=config.rollout.max_new_tokens,
                                 temperature=config.sft.temperature, stop_ids=ids)
   mini = int(config.batch.mini_batches)
@@ -588,7 +590,7 @@ def build_run(config, mesh, *, tokenizer=None, abstract: bool = False, devices=N
              graphdef=graphdef, params=params, teachers=teachers, specs=specs,
              reference=reference, stop_ids=ids, pad_id=pad_id, sampler=sampler,
              rollout_sp=rollout_params(config, ids), teacher_sampler=teacher_sampler,
-             teacher_sp=teacher_sp, tx=tx, schedule=schedule,
+             teacher_sp=teacher_sp, teacher_samplers=teacher_samplers, tx=tx, schedule=schedule,
              param_shardings=param_shardings, state_shardings=state_shardings,
              update_fn=update_fn, loss=spec, notes=notes, lora=lora, base=base,
              train_graphdef=train_graphdef, teacher_unembed=teacher_unembed)

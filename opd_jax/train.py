@@ -236,10 +236,13 @@ def run(config, workdir: str) -> dict:
 
 # ============================================================================ loop steps
 def sft_batch(loop: Loop, key) -> tuple[UpdateBatch, dict]:
-  """A supervised batch: the dataset's responses, or responses the first teacher samples
-  (sequence-level KD; its sampling FLOPs are counted)."""
+  """A supervised batch: the dataset's responses, or responses sampled by the teachers
+  (sequence-level KD; their sampling FLOPs are counted). With one teacher it samples every
+  row; with several, each row is sampled by the first teacher that handles its tag."""
   c, r, d = loop.config, loop.run, loop.data
   local = loop.local(d.prompts.next_batch(c.sft.batch_size))
+  if c.sft.source == 'teacher' and len(r.teachers) > 1:
+    return routed_teacher_sft_batch(loop, local, key), {}
   if c.sft.source == 'teacher':
     out = r.teacher_sampler(r.teachers[0].params, d.encoder.encode_batch(local),
                             jax.random.fold_in(key, 0), r.teacher_sp)
@@ -253,6 +256,51 @@ def sft_batch(loop: Loop, key) -> tuple[UpdateBatch, dict]:
                            response_buckets=DEFAULT_PROMPT_BUCKETS)
   shard = shd.shard_local_batch if jax.process_count() > 1 else shd.shard_batch
   return UpdateBatch(**shard(arrays, r.mesh)), {}
+
+
+def routed_teacher_sft_batch(loop: Loop, local, key) -> UpdateBatch:
+  """SFT rows sampled by several teachers: the rows whose tag teacher j handles first
+  (config.teachers order) are one sub-batch of teacher j, so every row is sampled once and
+  each teacher's FLOPs are its own rows'. One process only (the sub-batch sizes differ
+  between processes)."""
+  r, d = loop.run, loop.data
+  if jax.process_count() > 1:
+    raise NotImplementedError('SFT on the samples of several teachers runs on one process; '
+                              'use one teacher (config.teachers) or a single host')
+  tags = [x.tag for x in local]
+  route = route_matrix(tags, r.specs)
+  owner = np.argmax(route > 0, axis=1)
+  for i in np.flatnonzero(route.sum(1) == 0):
+    raise ValueError(f'SFT on teacher samples: no teacher in config.teachers handles tag '
+                     f'{tags[i]!r} (record {local[i].id!r})')
+  prompts = d.encoder.encode_batch(local)
+  parts = {}
+  for j, t in enumerate(r.teachers):
+    rows = np.flatnonzero(owner == j)
+    if not len(rows):
+      continue
+    out = r.teacher_samplers[j](t.params, [prompts[i] for i in rows],
+                                jax.random.fold_in(key, j), r.teacher_sp)
+    loop.flops.add('teacher_sampling', _rollout_flops(t.cfg, out))
+    parts[j] = (rows, out.host_rows(out.prompt_ids), out.host_rows(out.prompt_mask),
+                out.host_rows(out.tokens), out.host_rows(out.mask))
+  p_len = max(p[1].shape[1] for p in parts.values())
+  n_new = max(p[3].shape[1] for p in parts.values())
+  b = len(local)
+  pad = int(r.pad_id)
+  p_ids = np.full((b, p_len), pad, np.int32)
+  p_mask = np.zeros((b, p_len), np.int32)
+  r_ids = np.full((b, n_new), pad, np.int32)
+  r_mask = np.zeros((b, n_new), np.int32)
+  for rows, pi, pm, ri, rm in parts.values():  # prompts stay left-padded
+    p_ids[rows, p_len - pi.shape[1]:] = pi
+    p_mask[rows, p_len - pm.shape[1]:] = pm
+    r_ids[rows, :ri.shape[1]] = ri
+    r_mask[rows, :rm.shape[1]] = rm
+  arrays = {'tokens': np.concatenate([p_ids, r_ids], 1),
+            'attention_mask': np.concatenate([p_mask, r_mask], 1),
+            'loss_mask': np.concatenate([np.zeros_like(p_mask), r_mask], 1)}
+  return UpdateBatch(**shd.shard_batch(arrays, r.mesh))
 
 
 def opd_batch(loop: Loop, state, key) -> tuple[UpdateBatch, dict]:

@@ -216,6 +216,51 @@ def test_sft_on_teacher_generated_responses(tmp_path):
   assert result['step'] == 2 and np.isfinite(result['history']['loss'][-1][1])
 
 
+def test_sft_on_several_teachers_samples_each_row_with_its_teacher():
+  """Routed SFT on teacher samples: each row is sampled (greedy here) by the first teacher
+  that handles its tag, exactly as that teacher alone samples it, and a row no teacher
+  handles is an error that names its tag."""
+  import jax
+  from opd_jax import compute, sharding as shd
+  from opd_jax.builder import build_run
+  from opd_jax.train import Loop, load_data, routed_teacher_sft_batch
+  from opd_jax.teachers import route_matrix
+  config = with_overrides(load_config('opd_multi_teacher', 'runlocal'), mode='sft',
+                          sft__source='teacher', sft__temperature=0.0, sft__batch_size=8)
+  mesh = shd.make_mesh(dict(config.mesh))
+  data = load_data(config)
+  r = build_run(config, mesh, tokenizer=data.tokenizer)
+  loop = Loop(config, r, data, None, compute.FlopCounter(None), None, jax.random.key(0),
+              r.cast_fn())
+  records = data.prompts.next_batch(8)
+  batch = routed_teacher_sft_batch(loop, records, jax.random.key(1))
+  owner = np.argmax(route_matrix([x.tag for x in records], r.specs) > 0, axis=1)
+  assert len(set(owner.tolist())) > 1, 'the sample batch should exercise several teachers'
+  tokens = np.asarray(batch.tokens)
+  lmask = np.asarray(batch.loss_mask)
+  prompts = data.encoder.encode_batch(records)
+  for j, t in enumerate(r.teachers):
+    rows = np.flatnonzero(owner == j)
+    if not len(rows):
+      continue
+    alone = r.teacher_samplers[j](t.params, [prompts[i] for i in rows], jax.random.key(2),
+                                  r.teacher_sp)
+    want, want_mask = alone.host_rows(alone.tokens), alone.host_rows(alone.mask)
+    for k, i in enumerate(rows):
+      got = tokens[i][lmask[i] > 0]
+      assert got.tolist() == want[k][want_mask[k] > 0].tolist(), (t.name, i)
+  assert loop.flops.totals["teacher_sampling"] > 0
+  config.unlock()
+  del config.teachers['general']  # the 'general' records now have no teacher
+  config.lock()
+  r2 = build_run(config, mesh, tokenizer=data.tokenizer)
+  loop2 = Loop(config, r2, data, None, compute.FlopCounter(None), None, jax.random.key(0),
+               r2.cast_fn())
+  general = [x for x in data.prompts.next_batch(16) if x.tag == 'general'][:1]
+  with pytest.raises(ValueError, match="no teacher in config.teachers handles tag 'general'"):
+    routed_teacher_sft_batch(loop2, general * 8, jax.random.key(1))
+
+
 def test_config_errors_name_the_field(tmp_path):
   config = with_overrides(load_config('opd_single_teacher', 'runlocal'))
   config.unlock()
