@@ -83,10 +83,17 @@ def evaluate(*, step: int, key, student_params, sampler, encoder, tokenizer,
   greedy = SamplingParams(max_new_tokens=settings.max_new_tokens, temperature=0.0,
                           stop_ids=settings.stop_ids)
   texts: list[str] = []
+  lengths: list[float] = []
   for idx in _chunks(list(range(len(records))), settings.batch_size):
     out = sampler(student_params, [prompts[i] for i in idx], jax.random.fold_in(key, idx[0]),
                   greedy)
     texts += decode_responses(tokenizer, out.host_rows(out.tokens), out.host_rows(out.mask))
+    lengths += out.host_rows(out.mask).sum(-1).astype(np.float32).tolist()
+  all_len = shd.allgather_rows(np.asarray(lengths, np.float32))
+  len_tags = np.asarray(_global_tags(tags, len(tags), tag_vocab))
+  metrics['eval/response_len'] = float(all_len.mean())  # greedy response tokens
+  for t in sorted(set(len_tags.tolist())):
+    metrics[f'eval/response_len/{t}'] = float(all_len[len_tags == t].mean())
 
   if tag_to_reward or default_reward:
     rew = rewards_lib.compute_rewards(texts, [record_dict(r) for r in records],
