@@ -101,6 +101,18 @@ def stage_config(recipe, stage: str, paths: dict, *, seed: int, quick: bool, lr=
   return c
 
 
+def enable_compile_cache(workdir: str) -> None:
+  """JAX's persistent compilation cache in WORKDIR/.jax_cache (unless one is configured):
+  the stages compile the same programs (same model shapes, new jit objects), so later
+  stages load them instead of compiling again."""
+  import jax
+  if jax.config.jax_compilation_cache_dir:
+    return
+  jax.config.update('jax_compilation_cache_dir', os.path.join(workdir, '.jax_cache'))
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
+  jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
+
+
 def run_stage(name: str, config, workdir: str, *, need_export: bool = False) -> dict:
   """Runs one stage unless its result.json (and export, when needed) already exists."""
   stage_dir = os.path.join(workdir, name)
@@ -287,6 +299,7 @@ def run_experiment(workdir: str, *, seed: int = 0, quick: bool = False) -> dict:
   methods = tuple(recipe.METHODS)
   t_start = time.time()
   os.makedirs(workdir, exist_ok=True)
+  enable_compile_cache(workdir)
   t0 = time.time()
   paths = write_data(os.path.join(workdir, 'data'), quick=quick)
   walls = {'data': time.time() - t0}

@@ -36,25 +36,64 @@ def solve(a: int, b: int, *, forget_carry: bool = False) -> str:
   return '\n'.join(lines)
 
 
+def solve_sub(a: int, b: int, *, forget_borrow: bool = False) -> str:
+  """The written-out solution of a - b (a >= b), one column per line, right to left:
+  `x-y-c=z` with c the incoming borrow; a column that borrows writes its top digit as `1x`
+  ("13-7-0=6"), and the next line's c is 1. `forget_borrow` writes the classic mistake: the
+  borrow is taken ("13-...") but never paid back (every c is 0)."""
+  if a < b:
+    raise ValueError(f'solve_sub needs a >= b, got {a}-{b}')
+  da, db = str(a)[::-1], str(b)[::-1]
+  lines, borrow, digits = [], 0, []
+  for i in range(len(da)):
+    x = int(da[i])
+    y = int(db[i]) if i < len(db) else 0
+    need = y + borrow
+    if x < need:
+      lines.append(f'1{x}-{y}-{borrow}={10 + x - need}')
+      digits.append(10 + x - need)
+      nxt = 1
+    else:
+      lines.append(f'{x}-{y}-{borrow}={x - need}')
+      digits.append(x - need)
+      nxt = 0
+    borrow = 0 if forget_borrow else nxt
+  lines.append(f'#### {int("".join(str(d) for d in reversed(digits)))}')
+  return '\n'.join(lines)
+
+
 def make_records(n: int, *, seed: int, min_digits: int = 3, max_digits: int = 3,
                  prefix: str = 'add', exclude: set | None = None,
-                 carry_error_rate: float = 0.0) -> list[dict]:
-  """`n` distinct problems in ROLL's record format, tag 'arith', with the written solution
+                 carry_error_rate: float = 0.0, op: str = '+',
+                 tag: str = 'arith') -> list[dict]:
+  """`n` distinct problems in ROLL's record format, tag `tag`, with the written solution
   under 'response' (for SFT) and the number under 'ground_truth' (for the checker).
-  `carry_error_rate` is the fraction of responses written with forgotten carries (a noisy
-  dataset); ground_truth is always the true sum."""
+  `op` is '+' (addition, `solve`) or '-' (subtraction a - b with a >= b, `solve_sub`).
+  `carry_error_rate` is the fraction of responses written with forgotten carries (or
+  borrows: a noisy dataset); ground_truth is always the true result."""
+  if op not in ('+', '-'):
+    raise ValueError(f"op={op!r}; expected '+' or '-'")
   rng = random.Random(seed)
   seen = set(exclude or ())
   out = []
   while len(out) < n:
     da, db = rng.randint(min_digits, max_digits), rng.randint(min_digits, max_digits)
     a, b = rng.randint(10 ** (da - 1), 10 ** da - 1), rng.randint(10 ** (db - 1), 10 ** db - 1)
-    if (a, b) in seen:
+    if op == '-' and a < b:
+      a, b = b, a
+    prompt = f'{a}{op}{b}'
+    if prompt in seen or (op == '+' and (a, b) in seen):  # `exclude`: prompts or (a, b)
       continue
-    seen.add((a, b))
+    seen.add(prompt)
+    if op == '+':
+      seen.add((a, b))
     noisy = rng.random() < carry_error_rate
-    out.append({'id': f'{prefix}-{len(out)}', 'prompt': f'{a}+{b}', 'tag': 'arith',
-                'ground_truth': str(a + b), 'response': solve(a, b, forget_carry=noisy),
+    if op == '+':
+      truth, response = a + b, solve(a, b, forget_carry=noisy)
+    else:
+      truth, response = a - b, solve_sub(a, b, forget_borrow=noisy)
+    out.append({'id': f'{prefix}-{len(out)}', 'prompt': prompt, 'tag': tag,
+                'ground_truth': str(truth), 'response': response,
                 'source': 'synthetic-noisy' if noisy else 'synthetic'})
   return out
 
