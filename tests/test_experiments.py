@@ -58,3 +58,13 @@ def test_quick_pipeline_runs_and_flops_add_up(tmp_path, capsys):
   assert again['rows']['opd']['accuracy'] == summary['rows']['opd']['accuracy']
   assert 'reused' in capsys.readouterr().out
   ce.aggregate([str(tmp_path), str(tmp_path)])
+
+
+def test_divergences_quick_pipeline_runs(tmp_path, capsys):
+  from opd_jax.experiments import divergences as dv
+  summary = dv.run_experiment(str(tmp_path), seed=0, quick=True)
+  out = capsys.readouterr().out.rstrip().splitlines()
+  assert any(line.startswith('| exact reverse KL') for line in out[-6:])
+  for f in ('results.md', 'results.json', 'divergences.png'):
+    assert os.path.exists(tmp_path / f), f
+  assert set(summary['rows']) == set(dv.METHODS) and set(dv.METHODS) <= set(summary['grad'])
