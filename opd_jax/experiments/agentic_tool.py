@@ -111,9 +111,14 @@ def episode_eval(model_path: str, records, seed: int = 0) -> dict:
   import numpy as np
   mt, _, params = sampler_for(model_path)
   ep = mt(params, records, jax.random.key(seed), temperature=0.0)
+  # Partial credit: the first turn is the right call; the answer copies the tool's result.
+  call_ok = [bool(t) and t[0].strip() == transcript(r)[0] for r, t in zip(records, ep.turn_texts)]
+  copied = [len(t) > 1 and ok and t[1].strip() == transcript(r)[1]
+            for r, t, ok in zip(records, ep.turn_texts, call_ok)]
   return {'reward': float(ep.reward.mean()), 'turns': float(ep.turns.mean()),
           'tool_errors': int(sum(e == 'tool_error' for e in ep.end)),
-          'sample': ep.turn_texts[0]}
+          'right_call': float(np.mean(call_ok)), 'copied_given_call': float(
+              np.sum(copied) / max(1, np.sum(call_ok))), 'sample': ep.turn_texts[0]}
 
 
 def opd_config(paths, teacher, student, *, steps, lr, seed, workdir):
@@ -144,8 +149,8 @@ def opd_config(paths, teacher, student, *, steps, lr, seed, workdir):
   c.optim.lr = lr
   c.optim.warmup_steps = 0
   c.checkpoint.every = 0
-  c.export.hf_dir = ''
-  c.log_every = 5
+  c.export.hf_dir = 'export'
+  c.log_every = 1  # evaluations are logged at log steps only
   c.lock()
   return c
 
@@ -159,6 +164,7 @@ def main(argv=None):
   ap.add_argument('--student-steps', type=int, default=60)
   ap.add_argument('--opd-steps', type=int, default=60)
   ap.add_argument('--opd-lr', type=float, default=1e-3)
+  ap.add_argument('--student-model', default=STUDENT, help='the student before its SFT')
   args = ap.parse_args(argv)
   if args.quick:
     args.teacher_steps, args.student_steps, args.opd_steps = 40, 10, 4
@@ -174,30 +180,30 @@ def main(argv=None):
   teacher = sft(TEACHER, os.path.join(w, 'teacher'), train, steps=args.teacher_steps, lr=3e-3,
                 batch=32, seed=args.seed)
   print('=== student', flush=True)
-  student = sft(STUDENT, os.path.join(w, 'student'), train, steps=args.student_steps, lr=3e-3,
-                batch=32, seed=args.seed + 1)
+  student = sft(args.student_model, os.path.join(w, 'student'), train, steps=args.student_steps,
+                lr=3e-3, batch=32, seed=args.seed + 1)
   t_eval = episode_eval(teacher, evals)
   print('teacher held-out:', t_eval, flush=True)
   print('=== opd', flush=True)
   result = run(opd_config(paths, teacher, student, steps=args.opd_steps, lr=args.opd_lr,
                           seed=args.seed, workdir=w), os.path.join(w, 'opd'))
   h = result['history']
+  before = episode_eval(student, evals)
+  after = episode_eval(os.path.join(w, 'opd', 'export'), evals)
+  print('student before:', before, '\nstudent after:', after, flush=True)
 
   def at(key, step):
     return dict(h.get(key, [])).get(step)
   last = int(result['step'])
-  rows = [('teacher (SFT on transcripts)', t_eval['reward'], t_eval['turns'],
-           t_eval['tool_errors'], None),
-          ('student before OPD', at('eval/accuracy/tool', 0), at('eval/agent/turns', 0),
-           at('eval/agent/tool_errors', 0), at('eval/agent/reverse_kl', 0)),
-          (f'student after {last} OPD steps', at('eval/accuracy/tool', last),
-           at('eval/agent/turns', last), at('eval/agent/tool_errors', last),
-           at('eval/agent/reverse_kl', last))]
+  rows = [('teacher (SFT on transcripts)', t_eval, None),
+          ('student before OPD', before, at('eval/agent/reverse_kl', 0)),
+          (f'student after {last} OPD steps', after, at('eval/agent/reverse_kl', last))]
   fmt = lambda x, f: '—' if x is None else format(x, f)
-  lines = ['| model | held-out episode reward | turns | tool errors | reverse KL (student tokens) |',
-           '|---|---|---|---|---|']
-  lines += [f'| {n} | {fmt(r, ".3f")} | {fmt(t, ".2f")} | {fmt(e, ".0f")} | {fmt(k, ".3f")} |'
-            for n, r, t, e, k in rows]
+  lines = ['| model | held-out episode reward | right calculator call | answer copies the '
+           'result (given the call) | turns | tool errors | reverse KL (student tokens) |',
+           '|---|---|---|---|---|---|---|']
+  lines += [f"| {n} | {e['reward']:.3f} | {e['right_call']:.3f} | {e['copied_given_call']:.3f} | "
+            f"{e['turns']:.2f} | {e['tool_errors']} | {fmt(k, '.3f')} |" for n, e, k in rows]
   curve = ', '.join(f'{s}: {v:.3f}' for s, v in h.get('eval/accuracy/tool', []))
   lines.append('')
   lines.append(f'held-out reward by step: {curve}; {len(evals)} held-out problems, '
