@@ -60,6 +60,61 @@ def test_quick_pipeline_runs_and_flops_add_up(tmp_path, capsys):
   ce.aggregate([str(tmp_path), str(tmp_path)])
 
 
+def test_subtraction_task_and_facts():
+  from opd_jax.tasks import arithmetic, facts
+  assert arithmetic.solve_sub(583, 267) == '13-7-0=6\n8-6-1=1\n5-2-0=3\n#### 316'
+  # the noisy solution takes the borrow but never pays it back
+  assert arithmetic.solve_sub(583, 267, forget_borrow=True).endswith('#### 326')
+  assert arithmetic.solve_sub(1000, 1).endswith('#### 999')
+  with pytest.raises(ValueError, match='a >= b'):
+    arithmetic.solve_sub(1, 2)
+  import random
+  rng = random.Random(0)
+  for _ in range(500):
+    a = rng.randint(100, 999)
+    b = rng.randint(100, a)
+    assert arithmetic.solve_sub(a, b).rsplit('#### ', 1)[1] == str(a - b)
+  ev = arithmetic.make_records(50, seed=1, op='-', tag='sub')
+  tr = arithmetic.make_records(500, seed=0, op='-', tag='sub', carry_error_rate=0.5,
+                               exclude={r['prompt'] for r in ev})
+  assert not {r['prompt'] for r in ev} & {r['prompt'] for r in tr}
+  assert all(r['tag'] == 'sub' and int(r['ground_truth']) >= 0 for r in tr)
+  assert any(r['source'] == 'synthetic-noisy' for r in tr)
+  fs = facts.make_facts(100, seed=0)
+  assert len({r['prompt'] for r in fs}) == 100
+  assert all(r['response'] == f'#### {r["ground_truth"]}' for r in fs)
+
+
+def test_gopd_quick_pipeline_runs(tmp_path, capsys):
+  from opd_jax.experiments import gopd
+  summary = gopd.run_experiment(str(tmp_path), seed=0, quick=True)
+  out = capsys.readouterr().out.rstrip().splitlines()
+  assert any(line.startswith('| ExOPD + reward correction') for line in out[-6:])
+  for f in ('results.md', 'results.json', 'accuracy_vs_lambda.png', 'per_domain.png'):
+    assert os.path.exists(tmp_path / f), f
+  assert set(summary['multi']) == {'sft', 'opd', 'exopd'}
+  for name in ('lambda1.25', 'rc_exopd_corrected'):  # G-OPD counts the reference's FLOPs
+    with open(tmp_path / name / 'result.json') as f:
+      hist = json.load(f)['history']
+    assert hist['compute/flops/reference'][-1][1] > 0
+  with open(tmp_path / 'multi_sft' / 'result.json') as f:  # both experts sampled
+    assert json.load(f)['history']['compute/flops/teacher_sampling'][-1][1] > 0
+  gopd.aggregate([str(tmp_path), str(tmp_path)], str(tmp_path / 'agg'))
+  assert os.path.exists(tmp_path / 'agg' / 'aggregate.md')
+
+
+def test_continual_quick_pipeline_runs(tmp_path, capsys):
+  from opd_jax.experiments import continual
+  summary = continual.run_experiment(str(tmp_path), seed=0, quick=True)
+  out = capsys.readouterr().out.rstrip().splitlines()
+  assert any(line.startswith('| + knowledge SFT (facts + replay), then OPD') for line in out[-6:])
+  for f in ('results.md', 'results.json', 'continual.png'):
+    assert os.path.exists(tmp_path / f), f
+  assert set(summary['rows']) == {'post', 'sft_facts', 'sft_mix', 'sft_facts_opd',
+                                 'sft_mix_opd'}
+  continual.aggregate([str(tmp_path), str(tmp_path)], str(tmp_path / 'agg'))
+
+
 def test_divergences_quick_pipeline_runs(tmp_path, capsys):
   from opd_jax.experiments import divergences as dv
   summary = dv.run_experiment(str(tmp_path), seed=0, quick=True)

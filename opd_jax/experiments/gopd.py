@@ -1,0 +1,402 @@
+"""G-OPD / ExOPD claims in miniature on a CPU: extrapolating beyond the teacher, merging
+domain teachers, and reward correction with a larger teacher.
+
+  python -m opd_jax.experiments.gopd --workdir runs/gopd/seed0 --seed 0
+  python -m opd_jax.experiments.gopd --workdir /tmp/gopd_quick --quick
+  python -m opd_jax.experiments.gopd --workdir runs/gopd/agg --aggregate runs/gopd/seed0 ...
+
+G-OPD's advantage per student token is A = λ (t − r) − (s_b − r) with t the teacher's, r the
+reference's and s_b the behaviour logprob; λ = 1 is pure OPD, λ > 1 is ExOPD (reward
+extrapolation: t − r is the teacher's implicit reward when the teacher is the reference
+plus RL). Stages (each the ordinary trainer on configs/gopd.py:STAGE; a stage whose
+result.json exists is reused, so an interrupted run continues):
+
+  data        2-digit addition ('add') and subtraction ('sub') written out column by column
+              (opd_jax/tasks/arithmetic.py); noisy training solutions (half forget their
+              carries / borrows) and clean held-out sets, disjoint from training.
+  base        the small model (2x64) after SFT on the noisy solutions of both domains: the
+              shared pre-RL base and every distillation run's student init.
+  large_base  the same SFT of a larger model (3x96): the larger teacher's own base.
+  rl_add, rl_sub   domain teachers: GRPO from `base` on one domain's exact-match reward.
+  rl_large    the larger teacher: GRPO from `large_base` on 'add'.
+  claim 1     single domain ('add'), teacher rl_add, reference = base (the student's init):
+              G-OPD for λ in {0, 0.5, 1, 1.25, 1.5, 2}.
+  claim 2     both domains, teachers rl_add / rl_sub routed by tag: SFT on the teachers'
+              samples, OPD (λ = 1), ExOPD (λ = 1.25).
+  claim 3     'add', the larger teacher rl_large, the small student: OPD, ExOPD (λ = 1.25,
+              reference = the student's init), ExOPD + reward correction (reference =
+              large_base, the teacher's pre-RL base).
+
+Every distillation run has the same student init, prompt stream, steps, training sequences
+per step and learning rate (configs/gopd.py). Held-out accuracy is pass@1 at T=1 (4
+samples per prompt; the paper's sampled accuracy), with greedy exact match beside it (it
+saturates near 100% here); response length is of the greedy held-out responses; entropy is
+the policy's mean per-token entropy on its own training samples (T=1) over the last quarter
+of the run. The
+reference's scoring FLOPs are counted like a teacher's (compute/flops/reference).
+Outputs in WORKDIR: results.md (the tables, also printed as the last lines), results.json,
+accuracy_vs_lambda.png, per_domain.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import time
+
+from opd_jax.experiments.compute_efficiency import (_mean_std, _seeded_model,
+                                                    enable_compile_cache,
+                                                    run_stage)
+
+_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
+    __file__)))), 'configs', 'gopd.py')
+DOMAINS = ('add', 'sub')
+EXOPD_LAMBDA = 1.25
+
+
+def load_recipe():
+  spec = importlib.util.spec_from_file_location('gopd_config', _CONFIG)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def write_data(directory: str, recipe, *, quick: bool) -> dict:
+  """Noisy training sets and clean held-out sets per domain (the same for every seed)."""
+  from opd_jax.tasks import arithmetic, chain
+  os.makedirs(directory, exist_ok=True)
+  n_train, n_eval = (1000, 32) if quick else (recipe.N_TRAIN, recipe.N_EVAL)
+  k = recipe.DIGITS
+  paths = {}
+  for d, op, s in (('add', '+', 0), ('sub', '-', 10)):
+    ev = arithmetic.make_records(n_eval, seed=s + 1, prefix=f'{d}-eval', op=op, tag=d,
+                                 min_digits=k, max_digits=k)
+    held = {r['prompt'] for r in ev}
+    tr = arithmetic.make_records(n_train, seed=s, prefix=f'{d}-train', op=op, tag=d,
+                                 exclude=held, carry_error_rate=0.5, min_digits=k,
+                                 max_digits=k)
+    assert not held & {r['prompt'] for r in tr}, f'{d}: train and eval overlap'
+    for name, recs in (('train', tr), ('eval', ev)):
+      paths[f'{d}_{name}'] = os.path.join(directory, f'{d}_{name}.jsonl')
+      chain.write_jsonl(paths[f'{d}_{name}'], recs)
+  return paths
+
+
+def _config(recipe, stage: str, *, seed: int, quick: bool, student: str, data: dict,
+            teachers: dict | None = None, lam: float | None = None, reference: str | None = None,
+            eval_domains=DOMAINS):
+  c = recipe.get_config(stage + (',quick' if quick else ''))
+  c.unlock()
+  c.seed = seed
+  c.student.model = student
+  c.data.train = data
+  c.data.eval = {d: _PATHS[f'{d}_eval'] for d in eval_domains}
+  if teachers is not None:
+    from opd_jax.config_lib import teacher
+    c.teachers = {}
+    for name, (path, tags) in teachers.items():
+      c.teachers[name] = teacher(path, kl_coef=1.0, tags=list(tags))
+  if lam is not None:
+    c.gopd.enabled = True
+    c.gopd.reward_scale = float(lam)
+    c.gopd.reference = reference or 'student_init'
+  c.lock()
+  return c
+
+
+_PATHS: dict = {}
+
+
+def _acc(stage: dict, domain: str, kind: str = 'pass1') -> float | None:
+  """Final held-out accuracy: 'pass1' (pass@1 at T=1, 4 samples per prompt) or 'greedy'."""
+  key = f'eval/pass@1/{domain}' if kind == 'pass1' else f'eval/accuracy/{domain}'
+  return stage['final'].get(key)
+
+
+def _at_start(stage: dict, domain: str, kind: str = 'pass1') -> float | None:
+  """The step-0 evaluation of a run (its init), from the history."""
+  key = f'eval/pass@1/{domain}' if kind == 'pass1' else f'eval/accuracy/{domain}'
+  return dict((int(s), v) for s, v in stage['history'].get(key, [])).get(0)
+
+
+def _last_quarter(history: dict, key: str):
+  xs = [v for _, v in history.get(key, [])]
+  if not xs:
+    return None
+  k = max(1, len(xs) // 4)
+  return sum(xs[-k:]) / k
+
+
+def _row(stage: dict, domains) -> dict:
+  h, f = stage['history'], stage['final']
+  fl = h.get('compute/flops/total', [])
+  return {'pass1': {d: _acc(stage, d) for d in domains},
+          'greedy': {d: _acc(stage, d, 'greedy') for d in domains},
+          'response_len': {d: f.get(f'eval/response_len/{d}') for d in domains},
+          'entropy': _last_quarter(h, 'policy/entropy'),
+          'train_response_len': _last_quarter(h, 'rollout/response_len'),
+          'flops': fl[-1][1] if fl else None,
+          'flops_reference': (h.get('compute/flops/reference') or [[0, 0.0]])[-1][1],
+          'curve': {d: [(int(s), float(v)) for s, v in h.get(f'eval/pass@1/{d}', [])]
+                    for d in domains},
+          'wall_s': stage['wall_s']}
+
+
+def run_experiment(workdir: str, *, seed: int = 0, quick: bool = False) -> dict:
+  recipe = load_recipe()
+  t_start = time.time()
+  os.makedirs(workdir, exist_ok=True)
+  enable_compile_cache(workdir)
+  _PATHS.clear()
+  _PATHS.update(write_data(os.path.join(workdir, 'data'), recipe, quick=quick))
+  exp = lambda name: os.path.join(workdir, name, 'export')  # noqa: E731
+  both = {d: _PATHS[f'{d}_train'] for d in DOMAINS}
+  add = {'add': _PATHS['add_train']}
+  cfg = lambda stage, **kw: _config(recipe, stage, seed=seed, quick=quick, **kw)  # noqa: E731
+  small = recipe.QUICK_SMALL if quick else recipe.SMALL
+  large = recipe.QUICK_LARGE if quick else recipe.LARGE
+  st = {}
+  # ------------------------------------------------------------ bases and teachers
+  st['base'] = run_stage('base', cfg('base', student=_seeded_model(small, seed), data=both),
+                         workdir, need_export=True)
+  st['rl_add'] = run_stage('rl_add', cfg('rl', student=exp('base'), data=add), workdir,
+                           need_export=True)
+  st['rl_sub'] = run_stage('rl_sub', cfg('rl', student=exp('base'),
+                                         data={'sub': _PATHS['sub_train']}), workdir,
+                           need_export=True)
+  st['large_base'] = run_stage('large_base', cfg('base', student=_seeded_model(large, seed),
+                                                 data=both), workdir, need_export=True)
+  st['rl_large'] = run_stage('rl_large', cfg('rl', student=exp('large_base'), data=add),
+                             workdir, need_export=True)
+  # ------------------------------------------------------ claim 1: the λ sweep on 'add'
+  lambdas = recipe.QUICK_LAMBDAS if quick else recipe.LAMBDAS
+  for lam in lambdas:
+    st[f'lambda{lam:g}'] = run_stage(
+        f'lambda{lam:g}', cfg('opd', student=exp('base'), data=add,
+                              teachers={'teacher': (exp('rl_add'), ())}, lam=lam,
+                              eval_domains=('add',)), workdir)
+  # --------------------------------------------- claim 2: two domain teachers, merged
+  experts = {'add_expert': (exp('rl_add'), ('add',)), 'sub_expert': (exp('rl_sub'), ('sub',))}
+  st['multi_sft'] = run_stage('multi_sft', cfg('sft', student=exp('base'), data=both,
+                                               teachers=experts), workdir)
+  st['multi_opd'] = run_stage('multi_opd', cfg('opd', student=exp('base'), data=both,
+                                               teachers=experts), workdir)
+  st['multi_exopd'] = run_stage('multi_exopd', cfg('opd', student=exp('base'), data=both,
+                                                   teachers=experts, lam=EXOPD_LAMBDA), workdir)
+  # ---------------------------------- claim 3: a larger teacher, reward correction
+  big = {'teacher': (exp('rl_large'), ())}
+  st['rc_opd'] = run_stage('rc_opd', cfg('opd', student=exp('base'), data=add, teachers=big,
+                                         eval_domains=('add',)), workdir)
+  st['rc_exopd'] = run_stage('rc_exopd', cfg('opd', student=exp('base'), data=add, teachers=big,
+                                             lam=EXOPD_LAMBDA, eval_domains=('add',)), workdir)
+  st['rc_exopd_corrected'] = run_stage(
+      'rc_exopd_corrected', cfg('opd', student=exp('base'), data=add, teachers=big,
+                                lam=EXOPD_LAMBDA, reference=exp('large_base'),
+                                eval_domains=('add',)), workdir)
+  summary = summarize(st, lambdas)
+  summary.update(seed=seed, quick=quick, wall_s=time.time() - t_start,
+                 stage_wall_s={k: v['wall_s'] for k, v in st.items()})
+  summary['stage_wall_sum_s'] = sum(summary['stage_wall_s'].values())
+  text = tables(summary) + (f'\n\nseed {seed}; sum of stage wall times '
+                            f'{summary["stage_wall_sum_s"]:.0f} s (reused stages count their '
+                            f'original run); this invocation {summary["wall_s"]:.0f} s')
+  with open(os.path.join(workdir, 'results.json'), 'w') as f:
+    json.dump(summary, f, indent=1)
+  with open(os.path.join(workdir, 'results.md'), 'w') as f:
+    f.write(text + '\n')
+  plot([summary], workdir)
+  print('\n' + text, flush=True)
+  return summary
+
+
+# ---------------------------------------------------------------------------- analysis
+def summarize(st: dict, lambdas) -> dict:
+  """Per seed: every model's held-out pass@1 at T=1 ('pass1') and greedy accuracy. The base
+  models' pass@1 is the step-0 evaluation of runs that start from them."""
+  both = lambda stage: {k: {d: _acc(stage, d, k) for d in DOMAINS}  # noqa: E731
+                        for k in ('pass1', 'greedy')}
+  teachers = {'add_expert': both(st['rl_add']), 'sub_expert': both(st['rl_sub']),
+              'large': {k: {'add': _acc(st['rl_large'], 'add', k)} for k in ('pass1', 'greedy')}}
+  bases = {'base': {k: {d: _at_start(st['multi_opd'], d, k) for d in DOMAINS}
+                    for k in ('pass1', 'greedy')},
+           'large_base': {'pass1': {'add': _at_start(st['rl_large'], 'add')},
+                          'greedy': {'add': _acc(st['large_base'], 'add', 'greedy')}}}
+  sweep = {f'{lam:g}': _row(st[f'lambda{lam:g}'], ('add',)) for lam in lambdas}
+  multi = {m: _row(st[f'multi_{m}'], DOMAINS) for m in ('sft', 'opd', 'exopd')}
+  rc = {m: _row(st[f'rc_{m}'], ('add',)) for m in ('opd', 'exopd', 'exopd_corrected')}
+  return {'teachers': teachers, 'bases': bases, 'sweep': sweep, 'multi': multi, 'rc': rc,
+          'lambdas': [float(x) for x in lambdas], 'exopd_lambda': EXOPD_LAMBDA}
+
+
+MULTI_NAMES = {'sft': 'SFT on the experts\' samples', 'opd': 'OPD (λ = 1)',
+               'exopd': f'ExOPD (λ = {EXOPD_LAMBDA})'}
+RC_NAMES = {'opd': 'OPD (λ = 1)', 'exopd': f'ExOPD (λ = {EXOPD_LAMBDA}, reference = student '
+            'init)', 'exopd_corrected': f'ExOPD + reward correction (λ = {EXOPD_LAMBDA}, '
+            'reference = the teacher\'s base)'}
+
+
+def _fmt(values, fmt='.1%'):
+  """One value, or mean ± std over seeds."""
+  values = [v for v in values if v is not None]
+  if not values:
+    return '—'
+  if len(values) == 1:
+    return format(values[0], fmt)
+  m, s, _ = _mean_std(values)
+  return f'{format(m, fmt)} ± {format(s, fmt.replace("+", ""))}'
+
+
+def _mean(values) -> float:
+  values = [v for v in values if v is not None]
+  return sum(values) / len(values) if values else float('nan')
+
+
+def _diff(a, b):
+  return None if a is None or b is None else 100 * (a - b)
+
+
+def tables(*sums) -> str:
+  """The three tables (over one or several seeds' summaries)."""
+  if len(sums) == 1 and isinstance(sums[0], (list, tuple)):
+    sums = tuple(sums[0])
+  g = lambda f: [f(x) for x in sums]  # noqa: E731
+  both = lambda f: f'{_fmt(g(lambda x: f(x, "pass1")))} ({_fmt(g(lambda x: f(x, "greedy")))})'  # noqa
+  out = [f'{len(sums)} seed(s): {", ".join(str(x.get("seed")) for x in sums)}. Held-out '
+         'accuracy: pass@1 at T=1 (4 samples per prompt), greedy in parentheses; mean ± '
+         'sample std over seeds.', '']
+  t_add = lambda x, k: x['teachers']['add_expert'][k]['add']  # noqa: E731
+  out += ['Claim 1: G-OPD on "add" from the base (2x64) with the add expert (base + GRPO) as '
+          'teacher and the base as reference.', '',
+          f'base {both(lambda x, k: x["bases"]["base"][k]["add"])}; teacher {both(t_add)}', '',
+          '| λ | held-out pass@1 (greedy) | minus teacher, pass@1 points | greedy response '
+          'length (tokens) | policy entropy (nats/token, training samples, last quarter) | '
+          'training FLOPs, mean over seeds (of which reference) |', '|---|---|---|---|---|---|']
+  for lam in sums[0]['lambdas']:
+    k = f'{lam:g}'
+    margin = g(lambda x: _diff(x['sweep'][k]['pass1']['add'], t_add(x, 'pass1')))
+    out.append(f'| {k} | {both(lambda x, m: x["sweep"][k][m]["add"])} | '
+               f'{_fmt(margin, "+.1f")} | '
+               f'{_fmt(g(lambda x: x["sweep"][k]["response_len"]["add"]), ".1f")} | '
+               f'{_fmt(g(lambda x: x["sweep"][k]["entropy"]), ".3f")} | '
+               f'{_mean(g(lambda x: x["sweep"][k]["flops"])):.3g} '
+               f'({_mean(g(lambda x: x["sweep"][k]["flops_reference"])):.2g}) |')
+  out += ['', 'Claim 2: both domains from the base, the add expert and the sub expert routed '
+          'by tag (pass@1 at T=1, greedy in parentheses).', '',
+          '| model | add | sub |', '|---|---|---|',
+          f'| base (student init) | {both(lambda x, k: x["bases"]["base"][k]["add"])} | '
+          f'{both(lambda x, k: x["bases"]["base"][k]["sub"])} |']
+  for e, name in (('add_expert', 'add expert (base + GRPO on add)'),
+                  ('sub_expert', 'sub expert (base + GRPO on sub)')):
+    out.append(f'| {name} | {both(lambda x, k: x["teachers"][e][k]["add"])} | '
+               f'{both(lambda x, k: x["teachers"][e][k]["sub"])} |')
+  for m, name in MULTI_NAMES.items():
+    out.append(f'| {name} | {both(lambda x, k: x["multi"][m][k]["add"])} | '
+               f'{both(lambda x, k: x["multi"][m][k]["sub"])} |')
+  out += ['', '| method | add minus add expert (pass@1 points) | sub minus sub expert '
+          '(pass@1 points) |', '|---|---|---|']
+  for m, name in MULTI_NAMES.items():
+    da = g(lambda x: _diff(x['multi'][m]['pass1']['add'],
+                           x['teachers']['add_expert']['pass1']['add']))
+    ds = g(lambda x: _diff(x['multi'][m]['pass1']['sub'],
+                           x['teachers']['sub_expert']['pass1']['sub']))
+    out.append(f'| {name} | {_fmt(da, "+.1f")} | {_fmt(ds, "+.1f")} |')
+  t_big = lambda x, k: x['teachers']['large'][k]['add']  # noqa: E731
+  out += ['', 'Claim 3: "add", the larger teacher (3x96 large_base + GRPO) into the small '
+          'base.', '',
+          f'larger teacher {both(t_big)}; its base '
+          f'{both(lambda x, k: x["bases"]["large_base"][k]["add"])}; student init '
+          f'{both(lambda x, k: x["bases"]["base"][k]["add"])}', '',
+          '| method | held-out pass@1 (greedy) | minus teacher, pass@1 points | training FLOPs, '
+          'mean over seeds (of which reference) |', '|---|---|---|---|']
+  for m, name in RC_NAMES.items():
+    margin = g(lambda x: _diff(x['rc'][m]['pass1']['add'], t_big(x, 'pass1')))
+    out.append(f'| {name} | {both(lambda x, k: x["rc"][m][k]["add"])} | '
+               f'{_fmt(margin, "+.1f")} | {_mean(g(lambda x: x["rc"][m]["flops"])):.3g} '
+               f'({_mean(g(lambda x: x["rc"][m]["flops_reference"])):.2g}) |')
+  return '\n'.join(out)
+
+
+def plot(sums, out_dir: str) -> None:
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  import numpy as np
+  lams = sums[0]['lambdas']
+  fig, ax = plt.subplots(figsize=(6.0, 4.0))
+  for i, x in enumerate(sums):
+    ys = [x['sweep'][f'{lam:g}']['pass1']['add'] for lam in lams]
+    ax.plot(lams, ys, 'o-', color='tab:blue', alpha=0.8, ms=4,
+            label='G-OPD student' if i == 0 else None)
+    ax.axhline(x['teachers']['add_expert']['pass1']['add'], color='gray', ls='--', alpha=0.7,
+               label='teacher (base + GRPO)' if i == 0 else None)
+    ax.axhline(x['bases']['base']['pass1']['add'], color='gray', ls=':', alpha=0.7,
+               label='base (student init)' if i == 0 else None)
+  ax.set_xlabel('λ (reward scale; 1 = OPD, > 1 = ExOPD)')
+  ax.set_ylabel('held-out pass@1 at T=1 on add')
+  ax.set_title(f'G-OPD λ sweep, {len(sums)} seed(s), one line per seed')
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(os.path.join(out_dir, 'accuracy_vs_lambda.png'), dpi=120)
+  plt.close(fig)
+
+  names = ['base', 'add expert', 'sub expert'] + [MULTI_NAMES[m] for m in MULTI_NAMES]
+  vals = {d: [] for d in DOMAINS}
+  for d in DOMAINS:
+    per = [[x['bases']['base']['pass1'][d] for x in sums],
+           [x['teachers']['add_expert']['pass1'][d] for x in sums],
+           [x['teachers']['sub_expert']['pass1'][d] for x in sums]]
+    per += [[x['multi'][m]['pass1'][d] for x in sums] for m in MULTI_NAMES]
+    vals[d] = [(float(np.mean(p)), float(np.std(p, ddof=1)) if len(p) > 1 else 0.0)
+               for p in per]
+  fig, ax = plt.subplots(figsize=(7.5, 4.0))
+  xs = np.arange(len(names))
+  for k, d in enumerate(DOMAINS):
+    ax.bar(xs + (k - 0.5) * 0.38, [m for m, _ in vals[d]], 0.38,
+           yerr=[s for _, s in vals[d]], capsize=3, label=d)
+  ax.set_xticks(xs)
+  ax.set_xticklabels(names, rotation=20, ha='right', fontsize=8)
+  ax.set_ylabel('held-out pass@1 at T=1')
+  ax.set_ylim(0, 1.05)
+  ax.set_title(f'Per-domain pass@1, merged experts ({len(sums)} seed(s), mean ± std)')
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(os.path.join(out_dir, 'per_domain.png'), dpi=120)
+  plt.close(fig)
+
+
+def aggregate(workdirs, out_dir: str) -> str:
+  sums = []
+  for w in workdirs:
+    with open(os.path.join(w, 'results.json')) as f:
+      sums.append(json.load(f))
+  text = tables(sums)
+  walls = [x['stage_wall_sum_s'] for x in sums]
+  text += f'\n\nwall time per seed (sum of its stages): {_fmt(walls, ".0f")} s'
+  os.makedirs(out_dir, exist_ok=True)
+  with open(os.path.join(out_dir, 'aggregate.md'), 'w') as f:
+    f.write(text + '\n')
+  plot(sums, out_dir)
+  print(text, flush=True)
+  return text
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--workdir', default='runs/gopd/seed0')
+  parser.add_argument('--seed', type=int, default=0)
+  parser.add_argument('--quick', action='store_true', help='a ~2-minute pipeline check')
+  parser.add_argument('--aggregate', nargs='+', metavar='WORKDIR',
+                      help="mean ± std over these seeds' results.json (no training); writes "
+                           'aggregate.md and the plots into --workdir')
+  args = parser.parse_args(argv)
+  if args.aggregate:
+    aggregate(args.aggregate, args.workdir)
+  else:
+    run_experiment(args.workdir, seed=args.seed, quick=args.quick)
+
+
+if __name__ == '__main__':
+  main()
