@@ -25,18 +25,15 @@ exact match of the number recalled for each trained fact. Outputs in WORKDIR: re
 
 from __future__ import annotations
 
-import argparse
-import importlib.util
 import json
 import os
 import time
 
+from opd_jax.experiments.common import cli, load_recipe as _load
 from opd_jax.experiments.compute_efficiency import (_seeded_model, enable_compile_cache,
                                                     run_stage)
 from opd_jax.experiments.gopd import _fmt
 
-_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
-    __file__)))), 'configs', 'continual.py')
 ROWS = (('post', 'post-trained model (SFT on the behaviour)'),
         ('sft_facts', '+ knowledge SFT, facts only'),
         ('sft_mix', '+ knowledge SFT, facts + replay'),
@@ -45,10 +42,7 @@ ROWS = (('post', 'post-trained model (SFT on the behaviour)'),
 
 
 def load_recipe():
-  spec = importlib.util.spec_from_file_location('continual_config', _CONFIG)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return _load('continual')
 
 
 def write_data(directory: str, recipe, *, quick: bool) -> dict:
@@ -208,18 +202,7 @@ def aggregate(workdirs, out_dir: str) -> str:
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--workdir', default='runs/continual/seed0')
-  parser.add_argument('--seed', type=int, default=0)
-  parser.add_argument('--quick', action='store_true', help='a ~1-minute pipeline check')
-  parser.add_argument('--aggregate', nargs='+', metavar='WORKDIR',
-                      help="mean ± std over these seeds' results.json (no training)")
-  args = parser.parse_args(argv)
-  if args.aggregate:
-    aggregate(args.aggregate, args.workdir)
-  else:
-    run_experiment(args.workdir, seed=args.seed, quick=args.quick)
+  cli(__doc__, 'runs/continual/seed0', run_experiment, aggregate, argv)
 
 
 if __name__ == '__main__':

@@ -40,27 +40,20 @@ accuracy_vs_lambda.png, per_domain.png.
 
 from __future__ import annotations
 
-import argparse
-import importlib.util
 import json
 import os
 import time
 
+from opd_jax.experiments.common import cli, load_recipe as _load
 from opd_jax.experiments.compute_efficiency import (_mean_std, _seeded_model,
-                                                    enable_compile_cache,
-                                                    run_stage)
+                                                    enable_compile_cache, run_stage)
 
-_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
-    __file__)))), 'configs', 'gopd.py')
 DOMAINS = ('add', 'sub')
 EXOPD_LAMBDA = 1.25
 
 
 def load_recipe():
-  spec = importlib.util.spec_from_file_location('gopd_config', _CONFIG)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return _load('gopd')
 
 
 def write_data(directory: str, recipe, *, quick: bool) -> dict:
@@ -84,15 +77,15 @@ def write_data(directory: str, recipe, *, quick: bool) -> dict:
   return paths
 
 
-def _config(recipe, stage: str, *, seed: int, quick: bool, student: str, data: dict,
-            teachers: dict | None = None, lam: float | None = None, reference: str | None = None,
-            eval_domains=DOMAINS):
+def _config(recipe, stage: str, paths: dict, *, seed: int, quick: bool, student: str,
+            data: dict, teachers: dict | None = None, lam: float | None = None,
+            reference: str | None = None, eval_domains=DOMAINS):
   c = recipe.get_config(stage + (',quick' if quick else ''))
   c.unlock()
   c.seed = seed
   c.student.model = student
   c.data.train = data
-  c.data.eval = {d: _PATHS[f'{d}_eval'] for d in eval_domains}
+  c.data.eval = {d: paths[f'{d}_eval'] for d in eval_domains}
   if teachers is not None:
     from opd_jax.config_lib import teacher
     c.teachers = {}
@@ -104,9 +97,6 @@ def _config(recipe, stage: str, *, seed: int, quick: bool, student: str, data: d
     c.gopd.reference = reference or 'student_init'
   c.lock()
   return c
-
-
-_PATHS: dict = {}
 
 
 def _acc(stage: dict, domain: str, kind: str = 'pass1') -> float | None:
@@ -149,12 +139,12 @@ def run_experiment(workdir: str, *, seed: int = 0, quick: bool = False) -> dict:
   t_start = time.time()
   os.makedirs(workdir, exist_ok=True)
   enable_compile_cache(workdir)
-  _PATHS.clear()
-  _PATHS.update(write_data(os.path.join(workdir, 'data'), recipe, quick=quick))
+  paths = write_data(os.path.join(workdir, 'data'), recipe, quick=quick)
   exp = lambda name: os.path.join(workdir, name, 'export')  # noqa: E731
-  both = {d: _PATHS[f'{d}_train'] for d in DOMAINS}
-  add = {'add': _PATHS['add_train']}
-  cfg = lambda stage, **kw: _config(recipe, stage, seed=seed, quick=quick, **kw)  # noqa: E731
+  both = {d: paths[f'{d}_train'] for d in DOMAINS}
+  add = {'add': paths['add_train']}
+  cfg = lambda stage, **kw: _config(recipe, stage, paths, seed=seed, quick=quick,  # noqa: E731
+                                    **kw)
   small = recipe.QUICK_SMALL if quick else recipe.SMALL
   large = recipe.QUICK_LARGE if quick else recipe.LARGE
   st = {}
@@ -164,7 +154,7 @@ def run_experiment(workdir: str, *, seed: int = 0, quick: bool = False) -> dict:
   st['rl_add'] = run_stage('rl_add', cfg('rl', student=exp('base'), data=add), workdir,
                            need_export=True)
   st['rl_sub'] = run_stage('rl_sub', cfg('rl', student=exp('base'),
-                                         data={'sub': _PATHS['sub_train']}), workdir,
+                                         data={'sub': paths['sub_train']}), workdir,
                            need_export=True)
   st['large_base'] = run_stage('large_base', cfg('base', student=_seeded_model(large, seed),
                                                  data=both), workdir, need_export=True)
@@ -383,19 +373,7 @@ def aggregate(workdirs, out_dir: str) -> str:
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--workdir', default='runs/gopd/seed0')
-  parser.add_argument('--seed', type=int, default=0)
-  parser.add_argument('--quick', action='store_true', help='a ~2-minute pipeline check')
-  parser.add_argument('--aggregate', nargs='+', metavar='WORKDIR',
-                      help="mean ± std over these seeds' results.json (no training); writes "
-                           'aggregate.md and the plots into --workdir')
-  args = parser.parse_args(argv)
-  if args.aggregate:
-    aggregate(args.aggregate, args.workdir)
-  else:
-    run_experiment(args.workdir, seed=args.seed, quick=args.quick)
+  cli(__doc__, 'runs/gopd/seed0', run_experiment, aggregate, argv)
 
 
 if __name__ == '__main__':
