@@ -20,46 +20,20 @@ workdir/export/adapter/ (peft.PeftModel.from_pretrained(base, that directory)).
 runs the same loop for 2 steps on CPU with tiny random models and data/samples/.
 """
 
-from opd_jax.config_lib import base_config, lock, teacher
+from opd_jax.config_lib import lock
 
 
 def get_config(arg=None):
-  c = base_config()
-  c.total_steps = 200
-  c.log_every = 1
-  c.eval_every = 25
-  c.mesh = dict(data=1, fsdp=-1, tensor=1)
-  c.student.model = '/ckpt/Qwen3-1.7B'
-  c.student.compute_dtype = 'bfloat16'
-  c.student.lora.rank = 32
-  c.student.lora.alpha = 32.0
-  c.teachers.teacher = teacher('/ckpt/Qwen3-8B', kl_coef=1.0, tags=[], dtype='bfloat16')
-  c.data.train = dict(math='/data/math_train.jsonl')
-  c.data.eval = dict(math='/data/math_eval.jsonl')
-  c.data.template = 'qwen3_no_think'
-  c.data.max_prompt_len = 1024
-  c.rollout.prompts_per_step = 64
-  c.rollout.n_samples = 4
-  c.rollout.max_new_tokens = 4096
-  c.rollout.temperature = 1.0
-  c.rl.tag_to_reward = dict(math='math')  # for eval accuracy; the training signal is OPD only
-  c.optim.lr = 1e-5
-  c.optim.warmup_steps = 10
-  c.batch.micro_batches = 8
-  c.eval.num_prompts = 500
-  c.eval.batch_size = 128
-  c.checkpoint.every = 25
-
-  if arg == 'runlocal':
-    from configs import _local
-    c.data.train = dict(math=_local.sample('math_train'))
-    c.data.eval = dict(math=_local.sample('math_eval'))
-    c.data.template = 'default'
-    _local.shrink(c)
+  from configs import opd_single_teacher
+  if arg not in (None, 'runlocal'):
+    raise ValueError(f'unknown config argument {arg!r}; known: runlocal')
+  c = opd_single_teacher.get_config(arg)
+  c.unlock()
+  if arg == 'runlocal':  # tiny models: a small rank, the shrunk recipe's learning rate
     c.student.lora.rank = 4
     c.student.lora.alpha = 8.0
-    c.rollout.n_samples = 2
-    c.batch.micro_batches = 2
-  elif arg:
-    raise ValueError(f'unknown config argument {arg!r}; known: runlocal')
+  else:
+    c.student.lora.rank = 32
+    c.student.lora.alpha = 32.0
+    c.optim.lr = 1e-5  # 10x the full recipe's 1e-6 (LoRA's rule of thumb)
   return lock(c)
