@@ -20,6 +20,18 @@ def load_recipe(name: str):
   return module
 
 
+def fmt_seeds(values, fmt: str = '.1%') -> str:
+  """One value, or 'mean ± std' (sample std) over seeds; None entries are skipped."""
+  from opd_jax.experiments.compute_efficiency import _mean_std
+  values = [v for v in values if v is not None]
+  if not values:
+    return '—'
+  if len(values) == 1:
+    return format(values[0], fmt)
+  m, s, _ = _mean_std(values)
+  return f'{format(m, fmt)} ± {format(s, fmt.replace("+", ""))}'
+
+
 def cli(doc: str, default_workdir: str, run_experiment, aggregate, argv=None) -> None:
   """Runs one seed (`run_experiment(workdir, seed=, quick=)`) or, with --aggregate, the
   mean ± std over finished seeds (`aggregate(workdirs, out_dir)`)."""

@@ -29,10 +29,9 @@ import json
 import os
 import time
 
-from opd_jax.experiments.common import cli, load_recipe as _load
+from opd_jax.experiments.common import cli, fmt_seeds as _fmt, load_recipe as _load
 from opd_jax.experiments.compute_efficiency import (_seeded_model, enable_compile_cache,
                                                     run_stage)
-from opd_jax.experiments.gopd import _fmt
 
 ROWS = (('post', 'post-trained model (SFT on the behaviour)'),
         ('sft_facts', '+ knowledge SFT, facts only'),

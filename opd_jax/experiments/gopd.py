@@ -44,9 +44,9 @@ import json
 import os
 import time
 
-from opd_jax.experiments.common import cli, load_recipe as _load
-from opd_jax.experiments.compute_efficiency import (_mean_std, _seeded_model,
-                                                    enable_compile_cache, run_stage)
+from opd_jax.experiments.common import cli, fmt_seeds as _fmt, load_recipe as _load
+from opd_jax.experiments.compute_efficiency import (_seeded_model, enable_compile_cache,
+                                                    run_stage)
 
 DOMAINS = ('add', 'sub')
 EXOPD_LAMBDA = 1.25
@@ -225,17 +225,6 @@ MULTI_NAMES = {'sft': 'SFT on the experts\' samples', 'opd': 'OPD (λ = 1)',
 RC_NAMES = {'opd': 'OPD (λ = 1)', 'exopd': f'ExOPD (λ = {EXOPD_LAMBDA}, reference = student '
             'init)', 'exopd_corrected': f'ExOPD + reward correction (λ = {EXOPD_LAMBDA}, '
             'reference = the teacher\'s base)'}
-
-
-def _fmt(values, fmt='.1%'):
-  """One value, or mean ± std over seeds."""
-  values = [v for v in values if v is not None]
-  if not values:
-    return '—'
-  if len(values) == 1:
-    return format(values[0], fmt)
-  m, s, _ = _mean_std(values)
-  return f'{format(m, fmt)} ± {format(s, fmt.replace("+", ""))}'
 
 
 def _mean(values) -> float:
