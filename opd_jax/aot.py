@@ -58,6 +58,9 @@ from jax._src import xla_bridge  # backends_are_initialized(): no public equival
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from opd_jax import builder
+from opd_jax import compute
+from opd_jax import hlo
+from opd_jax import roofline
 from opd_jax import sharding as shd
 from opd_jax.builder import ConfigError, ModelSource
 from opd_jax.buckets import DEFAULT_PROMPT_BUCKETS, batch_bucket
@@ -67,11 +70,15 @@ from opd_jax.teachers import LocalTeacher
 
 GiB = 2**30
 
-# HBM per chip (bytes). v4 and v5p chips are megacores: the runtime shows one device per
-# chip, but the compile-only topology has one device per TensorCore (half the HBM each).
-HBM_PER_CHIP = {'v4': 32 * GiB, 'v5e': 16 * GiB, 'v5p': 95 * GiB, 'v6e': 32 * GiB}
+# HBM per chip (bytes), from the one chip table (opd_jax.roofline). v4 and v5p chips are
+# megacores: the runtime shows one device per chip, but the compile-only topology has one
+# device per TensorCore (half the HBM each).
+HBM_PER_CHIP = {k: c.hbm_bytes for k, c in roofline.CHIPS.items()}
 # Accelerator-type names count TensorCores for v4/v5p (v4-32 = 16 chips), chips otherwise.
-CORES_PER_CHIP = {'v4': 2, 'v5e': 1, 'v5p': 2, 'v6e': 1}
+CORES_PER_CHIP = {k: c.cores for k, c in roofline.CHIPS.items()}
+# A decode loop may gather at most this fraction of the sampled model's parameter bytes per
+# generated token (activations such as a vocabulary-split logits row are far below it).
+DECODE_GATHER_LIMIT = 0.01
 _ALIASES = {'v5litepod': 'v5e', 'v5lite': 'v5e', 'v6': 'v6e'}
 _THREE_D = ('v4', 'v5p')
 
@@ -147,6 +154,7 @@ class Target:
   kind: str                 # 'tpu-topology' | 'cpu-estimate'
   label: str
   hbm_per_device: int | None
+  generation: str | None = None   # the TPU generation of the time estimate (roofline.CHIPS)
 
 
 def libtpu_available() -> bool:
@@ -165,7 +173,7 @@ def tpu_target(topo: Topology) -> Target:
   return Target(devices, 'tpu-topology',
                 f'{topo.name}: TPU topology {topo.layout}, {len(devices)} compile-only '
                 f'devices of {devices[0].device_kind} (XLA:TPU via libtpu, no hardware; '
-                f'jax {jax.__version__})', topo.hbm_per_chip // per_chip)
+                f'jax {jax.__version__})', topo.hbm_per_chip // per_chip, topo.generation)
 
 
 def cpu_target(n: int, topo: Topology | None) -> Target:
@@ -178,7 +186,8 @@ def cpu_target(n: int, topo: Topology | None) -> Target:
   what = f'{topo.name}-shaped ' if topo else ''
   return Target(devices, 'cpu-estimate',
                 f'CPU ESTIMATE: {what}mesh on {n} fake CPU devices (XLA:CPU; temporaries '
-                f'differ from XLA:TPU)', topo.hbm_per_chip if topo else None)
+                f'differ from XLA:TPU)', topo.hbm_per_chip if topo else None,
+                topo.generation if topo else None)
 
 
 # ------------------------------------------------------------------------------- models
@@ -223,6 +232,9 @@ class FunctionReport:
   resident: int              # long-lived buffers on the same devices that are not arguments
   compiler_oom: str | None = None   # XLA:TPU's own out-of-memory message, if it gave one
   measured: bool = True      # False: even the no-crash compile failed (numbers unknown)
+  # Collective bytes per device (opd_jax.hlo): 'outside' loops by kind, and per loop of the
+  # program its bytes per iteration by kind, trip count and largest collectives.
+  collectives: dict | None = None
 
   @property
   def total(self) -> int:
@@ -289,9 +301,16 @@ class _Check:
         for d, nbytes in _bytes_by_device(tree).items():
           if d in fn_devices:
             per_dev[d] = per_dev.get(d, 0) + nbytes
+    coll = None
+    if compiled is not None:
+      st = hlo.collective_stats(compiled.as_text())
+      coll = {'outside': st.outside, 'count': st.count,
+              'loops': [dict(per_iter=lp.per_iter, trips=lp.trips, largest=lp.largest,
+                             collectives=lp.collectives) for lp in st.loops],
+              'total': st.total()}
     self.reports.append(FunctionReport(name, shapes, a, o, al, t,
                                        max(per_dev.values(), default=0), oom,
-                                       compiled is not None))
+                                       compiled is not None, coll))
     return compiled
 
 
@@ -317,9 +336,16 @@ def _frozen(r) -> list:
       [r.reference] if r.reference is not None else [])
 
 
-def check_config(config, target: Target, *, log=print) -> dict:
+PHASES = ('rollout', 'score', 'update')
+
+
+def check_config(config, target: Target, *, log=print, phases=PHASES) -> dict:
   """Compiles one training step of `config` for `target`, exactly as the trainer builds it
-  (opd_jax.builder.build_run, without weights); returns the report dict."""
+  (opd_jax.builder.build_run, without weights); returns the report dict. `phases`: a subset
+  of PHASES to compile (e.g. the rollout alone, for a quick check of its decode loop)."""
+  unknown = set(phases) - set(PHASES)
+  if unknown:
+    raise AotError(f'--phases: unknown {sorted(unknown)}; known: {", ".join(PHASES)}')
   mesh = shd.make_mesh(dict(config.mesh), devices=target.devices)
   r = builder.build_run(config, mesh, abstract=True, devices=target.devices)
   rows, p_len, seq, notes = _shapes(config, r)
@@ -339,8 +365,9 @@ def check_config(config, target: Target, *, log=print) -> dict:
   if r.base is not None:  # a LoRA student's frozen base (an argument of the update only)
     chk.long_lived['student_base'] = r.base
   chk.long_lived.update({t.name: t.params for t in _frozen(r)})
-  _compile_rollouts(chk, config, rows, p_len)
-  if config.mode == 'opd':  # teacher scoring: every row routed to every teacher (worst case)
+  if 'rollout' in phases:
+    _compile_rollouts(chk, config, rows, p_len)
+  if config.mode == 'opd' and 'score' in phases:  # teacher scoring: every row routed to every teacher (worst case)
     for t in _frozen(r):
       tb = batch_bucket(rows, shd.batch_size_multiple(t.mesh))
       tok = _sds((tb, seq), jnp.int32, shd.batch_sharding(t.mesh, 2))
@@ -348,12 +375,16 @@ def check_config(config, target: Target, *, log=print) -> dict:
                   f'B={tb} L={seq}' + (f' top_k={t.top_k}' if t.top_k else ''), {t.name})
   # the update on one mini-batch (traced under the state's mesh, as in the trainer)
   ub = rows // int(config.batch.mini_batches)
-  chk.compile('update', r.update_fn, (state, builder.update_batch_spec(
-      config, mesh, ub, seq)), {}, mesh,
-      f'B={ub} (micro {ub // int(config.batch.micro_batches)}) L={seq}',
-      {'state', 'student_base'})
+  if 'update' in phases:
+    chk.compile('update', r.update_fn, (state, builder.update_batch_spec(
+        config, mesh, ub, seq)), {}, mesh,
+        f'B={ub} (micro {ub // int(config.batch.micro_batches)}) L={seq}',
+        {'state', 'student_base'})
   reports = chk.reports
   worst = max(reports, key=lambda x: (x.measured, x.peak))
+  gathers = decode_gathers(chk)
+  estimates = (phase_estimates(chk, config, rows, p_len, seq)
+               if target.generation else None)
   return {
       'target': target.kind, 'label': target.label,
       'hbm_per_device': target.hbm_per_device,
@@ -363,7 +394,165 @@ def check_config(config, target: Target, *, log=print) -> dict:
                   'measured': worst.measured},
       'over_hbm': [x.name for x in reports if x.compiler_oom or (
           target.hbm_per_device and x.peak > target.hbm_per_device)],
+      'decode_gathers': gathers,
+      'decode_gather_errors': [g['name'] for g in gathers if g['error']],
+      'estimates': estimates,
   }
+
+
+# ------------------------------------------------------------- collectives and time
+_DECODE_LOOPS = ('/decode', '/segment')
+
+
+def _sampled_param_bytes(chk: _Check, name: str) -> int:
+  """Bytes of the parameters that the function `name` decodes with (all shards)."""
+  r = chk.run
+  if name.startswith('rollout/') and name.split('/')[1] in {t.name for t in r.teachers}:
+    t = next(t for t in r.teachers if t.name == name.split('/')[1])
+    tree = t.params
+    return sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(tree))
+  return sum(math.prod(x.shape) * (r.compute_dtype.itemsize if jnp.issubdtype(
+      x.dtype, jnp.floating) else x.dtype.itemsize) for x in jax.tree.leaves(r.plain_params))
+
+
+def decode_gathers(chk: _Check) -> list[dict]:
+  """Per decode loop (rollout/decode, eval/decode, rollout/segment, ...): the bytes it
+  all-gathers per iteration (per generated token) on the busiest device, next to the
+  sampled model's parameter bytes; above DECODE_GATHER_LIMIT of them is an error (the
+  weights are being gathered at every token)."""
+  out = []
+  for f in chk.reports:
+    if not f.name.endswith(_DECODE_LOOPS) or not f.collectives:
+      continue
+    per_iter = max((lp['per_iter'].get('all-gather', 0) for lp in f.collectives['loops']),
+                   default=0)
+    params = _sampled_param_bytes(chk, f.name)
+    largest = [x for lp in f.collectives['loops'] for x in lp['largest']
+               if x['kind'] == 'all-gather'][:3]
+    out.append(dict(name=f.name, gathered_per_token=per_iter, param_bytes=params,
+                    fraction=per_iter / params if params else 0.0,
+                    error=per_iter > DECODE_GATHER_LIMIT * params, largest=largest))
+  return out
+
+
+def _by_name(chk: _Check) -> dict:
+  return {f.name: f for f in chk.reports}
+
+
+def _ici(f, trips_default: int = 1) -> tuple[float, float]:
+  """(collective bytes, collective instructions) of one call of a compiled function, loops
+  counted by their trip counts (a decode loop: `trips_default`, its token budget)."""
+  if f is None or not f.collectives:
+    return 0.0, 0.0
+  c = f.collectives
+  total = sum(c['outside'].values())
+  runs = 0.0
+  for lp in c['loops']:
+    n = lp['trips'] if lp['trips'] is not None else trips_default
+    n = min(n, trips_default) if f.name.endswith(_DECODE_LOOPS) else n
+    total += sum(lp['per_iter'].values()) * n
+    runs += lp['collectives'] * n
+  return total, runs
+
+
+def phase_estimates(chk: _Check, config, rows: int, p_len: int, seq: int) -> dict:
+  """The step's rollout, scoring and update seconds on the target's chips (roofline.py),
+  each with its binding resource, and the implied MFU. FLOPs are compute.py's executed
+  (padded) counts; HBM bytes are the weights and KV cache each device reads (see the
+  rows below); ICI bytes are the compiled programs' collectives, loops by trip count."""
+  r = chk.run
+  chip = roofline.CHIPS[chk.target.generation]
+  n_dev = len(chk.target.devices)
+  per_chip = chip.cores if chk.target.kind == 'tpu-topology' else 1
+  dev = roofline.Chip(chip.name, chip.peak_flops / per_chip, chip.hbm_bytes // per_chip,
+                      chip.hbm_bw / per_chip, chip.ici_bw / per_chip)
+  fns = _by_name(chk)
+  out: dict = {'chip': chip.name, 'devices': n_dev, 'per_device': dataclasses.asdict(dev),
+               'phases': {}}
+  cfg = r.student_cfg
+  item = r.compute_dtype.itemsize
+  if config.mode == 'opd':
+    sampler = r.sampler
+    lay = sampler.run_mesh
+    rb = batch_bucket(rows, shd.batch_size_multiple(lay))
+    n_new = r.rollout_sp.max_new_tokens
+    tp = int(lay.shape['tensor'])
+    data = shd.batch_size_multiple(lay)
+    w_dev = max(_bytes_by_device(jax.tree.map(lambda x, sh: _sds(
+        x.shape, r.compute_dtype if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype, sh),
+        r.plain_params, r.rollout_shardings)).values())
+    kv_heads = cfg.num_kv_heads // tp if cfg.num_kv_heads % tp == 0 else cfg.num_kv_heads
+    rows_dev = rb / data
+    kv_token = roofline.kv_cache_bytes(cfg.num_layers, kv_heads, cfg.head_dim, rows_dev,
+                                       p_len + n_new / 2, item)
+    hbm_bound = n_new * (w_dev + kv_token)
+    flops = compute.padded_rollout_flops(cfg, rb, p_len, n_new) / n_dev
+    dec = fns.get('rollout/decode') or fns.get('rollout/segment')
+    ici_d, runs_d = _ici(dec, n_new)
+    ici_p, runs_p = _ici(fns.get('rollout/prefill') or fns.get('rollout/refill'))
+    ici_c, runs_c = _ici(fns.get('rollout/cast'))
+    prefill_hbm = w_dev + roofline.kv_cache_bytes(cfg.num_layers, kv_heads, cfg.head_dim,
+                                                  rows_dev, p_len, item)
+    est = roofline.estimate(dev, flops=flops, hbm_bytes=hbm_bound + prefill_hbm,
+                            ici_bytes=ici_d + ici_p + ici_c, collectives=runs_d + runs_p + runs_c)
+    out['phases']['rollout'] = dict(
+        _est_dict(est), hbm_bound_s=(hbm_bound + prefill_hbm) / dev.hbm_bw,
+        note=f'{n_new} decode steps of B={rb}: weights {w_dev / GiB:.2f} GiB + KV cache '
+             f'{kv_token / GiB:.2f} GiB (mean length {p_len + n_new / 2:.0f}) per device '
+             f'per token; collectives: decode {ici_d / max(n_new, 1) / 2**20:.1f} MiB per '
+             f'token, prefill {ici_p / GiB:.2f} GiB, relayout {ici_c / GiB:.2f} GiB')
+    for t in _frozen(r):
+      f = fns.get(f'score/{t.name}')
+      if f is None:
+        continue
+      tb = batch_bucket(rows, shd.batch_size_multiple(t.mesh))
+      t_dev = t.mesh.devices.size
+      w = sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(t.params))
+      w_read = w / int(t.mesh.shape['tensor']) * max(1, int(config.batch.micro_batches))
+      ici, runs = _ici(f)
+      est = roofline.estimate(dev, flops=compute.padded_score_flops(t.cfg, tb, seq) / t_dev,
+                              hbm_bytes=w_read, ici_bytes=ici, collectives=runs)
+      out['phases'][f'score/{t.name}'] = dict(
+          _est_dict(est), note=f'B={tb} L={seq} on {t_dev} devices: gathered weights '
+                               f'{w_read / GiB:.2f} GiB read per device')
+  f = fns.get('update')
+  if f is not None:
+    mini = int(config.batch.mini_batches)
+    micro = int(config.batch.micro_batches)
+    ub = rows // mini
+    tens = int(r.mesh.shape['tensor'])
+    w = sum(math.prod(x.shape) for x in jax.tree.leaves(r.plain_params))
+    # per micro-batch: the weights read in the forward, the rematerialised forward and the
+    # backward; per optimizer step: params, grads, 2 moments read and params, moments written
+    w_read = w * item / tens * 3 * micro + w * 4 * 7 / n_dev
+    ici, runs = _ici(f)
+    flops = compute.padded_update_flops(cfg, ub, seq, remat=bool(config.student.remat)) / n_dev
+    est = roofline.estimate(dev, flops=flops * mini, hbm_bytes=w_read * mini,
+                            ici_bytes=ici * mini, collectives=runs * mini)
+    out['phases']['update'] = dict(_est_dict(est), note=f'{mini} x B={ub} L={seq}')
+  step_s = sum(p['seconds'] for p in out['phases'].values())
+  model = 0.0
+  if config.mode == 'opd':
+    model += compute.padded_rollout_flops(cfg, rb, p_len, n_new)
+    for t in _frozen(r):
+      if f'score/{t.name}' in fns:
+        model += compute.padded_score_flops(t.cfg, batch_bucket(
+            rows, shd.batch_size_multiple(t.mesh)), seq)
+  if 'update' in fns:
+    model += compute.padded_update_flops(cfg, rows, seq, remat=False)
+  out['step_seconds'] = step_s
+  out['mfu'] = model / (step_s * dev.peak_flops * n_dev) if step_s else 0.0
+  return out
+
+
+def _sec(x: float) -> str:
+  return f'{x:.2f} s' if x >= 0.1 else f'{x * 1e3:.2f} ms'
+
+
+def _est_dict(e: roofline.Estimate) -> dict:
+  return dict(seconds=e.seconds, binding=e.binding, flops=e.flops, hbm_bytes=e.hbm_bytes,
+              ici_bytes=e.ici_bytes, compute_s=e.compute_s, hbm_s=e.hbm_s, ici_s=e.ici_s,
+              latency_s=e.latency_s)
 
 
 def _compile_rollouts(chk: _Check, config, rows: int, p_len: int) -> None:
@@ -371,32 +560,44 @@ def _compile_rollouts(chk: _Check, config, rows: int, p_len: int) -> None:
   eval rollout when its shapes are not covered by the training one."""
   r = chk.run
   train = None
+  # The student samples with its parameters cast to the compute dtype on the rollout layout
+  # (Run.cast_fn, compiled here as rollout/cast: the once-per-rollout relayout).
+  cast = jax.tree.map(lambda x, sh: _sds(x.shape, r.compute_dtype if jnp.issubdtype(
+      x.dtype, jnp.floating) else x.dtype, sh), r.plain_params, r.rollout_shardings)
   if config.mode == 'opd':
-    cast = jax.tree.map(lambda x: _sds(x.shape, r.compute_dtype if jnp.issubdtype(
-        x.dtype, jnp.floating) else x.dtype, x.sharding), r.plain_params)
+    fn, args = r.cast_jit()
+    chk.compile('rollout/cast', fn, args(chk.long_lived['state']['params']), {}, r.mesh,
+                f'{roofline_fmt_layout(r.layout)}', {'state', 'student_base'})
     train = (_compile_rollout(chk, 'rollout', r.sampler, r.student_cfg, cast, rows, p_len,
                               r.rollout_sp, set()), r.rollout_sp.max_new_tokens)
   elif config.sft.source == 'teacher':
     t = r.teachers[0]
-    _compile_rollout(chk, f'rollout/{t.name}', r.teacher_sampler, t.cfg, t.params, rows,
-                     p_len, r.teacher_sp, {t.name})
+    sampler = r.teacher_sampler
+    params = t.params if sampler.layout is None else jax.tree.map(
+        lambda x, sh: _sds(x.shape, x.dtype, sh), t.params, sampler.layout.shardings(t.params))
+    _compile_rollout(chk, f'rollout/{t.name}', sampler, t.cfg, params, rows,
+                     p_len, r.teacher_sp, {t.name} if sampler.layout is None else set())
   if config.data.eval:  # the eval rollout, unless training's rollout dominates its shapes
-    dp = shd.batch_size_multiple(r.mesh)
+    dp = shd.batch_size_multiple(r.sampler.run_mesh)
     eval_rows = min(int(config.eval.batch_size),
                     int(config.eval.num_prompts or config.eval.batch_size))
     eval_new = int(config.eval.max_new_tokens or config.rollout.max_new_tokens)
     if train is None or batch_bucket(eval_rows, dp) > train[0] or eval_new > train[1]:
-      cast = jax.tree.map(lambda x: _sds(x.shape, r.compute_dtype if jnp.issubdtype(
-          x.dtype, jnp.floating) else x.dtype, x.sharding), r.plain_params)
       _compile_rollout(chk, 'eval', r.sampler, r.student_cfg, cast, eval_rows, p_len,
                        SamplingParams(max_new_tokens=eval_new, temperature=0.0,
                                       stop_ids=r.stop_ids), set())
 
 
+def roofline_fmt_layout(layout) -> str:
+  if layout is None:
+    return 'training layout'
+  return f'rollout layout data={layout.mesh.shape["data"]} tensor={layout.tp}'
+
+
 def _compile_rollout(chk: _Check, prefix, sampler, cfg, params, b, p_len, sp, args_of):
   """Compiles a Sampler's prefill and decode for b rows (or, when the sampler would batch
   them continuously, its refill, segment and compaction); returns the row bucket."""
-  mesh = sampler.mesh
+  mesh = sampler.run_mesh
   mult = shd.batch_size_multiple(mesh)
   bb = batch_bucket(b, mult)
   if sampler.continuous is not None and b > sampler.continuous.num_slots(mult):
@@ -412,8 +613,8 @@ def _compile_rollout(chk: _Check, prefix, sampler, cfg, params, b, p_len, sp, ar
   else:  # the prefill does not compile; the decode still can, on the sampler's layout
     kv_axis = 'tensor' if cfg.num_kv_heads % mesh.shape['tensor'] == 0 else None
     dtype = sampler.cache_dtype or jax.tree.leaves(params)[0].dtype
-    kv = _sds((bb, p_len + sp.max_new_tokens, cfg.num_kv_heads, cfg.head_dim), dtype,
-              NamedSharding(mesh, P(shd.BATCH_AXES, None, kv_axis, None)))
+    kv = _sds((bb, cfg.num_kv_heads, p_len + sp.max_new_tokens, cfg.head_dim), dtype,
+              NamedSharding(mesh, P(shd.BATCH_AXES, kv_axis, None, None)))
     cache = {'k': [kv] * cfg.num_layers, 'v': [kv] * cfg.num_layers}
     logits = _sds((bb, cfg.vocab_size), jnp.float32, shd.batch_sharding(mesh, 2))
   key = jax.eval_shape(lambda: jax.random.key(0))
@@ -431,7 +632,7 @@ def _compile_continuous(chk: _Check, prefix, sampler, params, b, bb, p_len, sp, 
   slots) and `compact` (the cache shift). The [bb, N] outputs stay resident during the
   segment and the compaction."""
   cb = sampler.continuous
-  mesh = sampler.mesh
+  mesh = sampler.run_mesh
   mult = shd.batch_size_multiple(mesh)
   slots = cb.num_slots(mult)
   n = sp.max_new_tokens
@@ -493,6 +694,47 @@ def format_report(rep: dict, config_name: str) -> str:
   for f in rep['functions']:
     if f['compiler_oom']:
       lines.append(f'{f["name"]}: XLA:TPU says: {f["compiler_oom"]}')
+  lines.append('')
+  head = ('collectives per device', 'all-gather', 'all-reduce', 'red-scatter', 'permute',
+          'all-to-all')
+  kinds = ('all-gather', 'all-reduce', 'reduce-scatter', 'collective-permute', 'all-to-all')
+  crow = []
+  for f in rep['functions']:
+    c = f.get('collectives')
+    if not c:
+      continue
+    crow.append((f'{f["name"]}  once', *[_fmt(c['outside'].get(k, 0)) for k in kinds]))
+    for i, lp in enumerate(c['loops']):
+      trips = f'x{lp["trips"]}' if lp['trips'] is not None else 'x?'
+      crow.append((f'{f["name"]}  loop {i} per iteration ({trips})',
+                   *[_fmt(lp['per_iter'].get(k, 0)) for k in kinds]))
+  if crow:
+    w0 = max(len(r[0]) for r in crow + [head])
+    for r in [head] + crow:
+      lines.append((f'{r[0]:<{w0}}' + ''.join(f'{c:>12}' for c in r[1:])).rstrip())
+  for g in rep.get('decode_gathers') or []:
+    flag = 'ERROR: the weights are gathered at every token' if g['error'] else 'ok'
+    lines.append(f'{g["name"]}: gathers {_fmt(g["gathered_per_token"])} per generated token '
+                 f'= {100 * g["fraction"]:.2f}% of the {_fmt(g["param_bytes"])} it samples '
+                 f'with (limit {100 * DECODE_GATHER_LIMIT:g}%): {flag}'
+                 + (''.join(f'\n    {x["shape"]} {_fmt(x["bytes"])}' for x in g['largest'])
+                    if g['error'] else ''))
+  est = rep.get('estimates')
+  if est:
+    d = est['per_device']
+    lines.append('')
+    lines.append(f'estimated time per step on {est["chip"]} ({est["devices"]} devices; per '
+                 f'device {d["peak_flops"] / 1e12:.0f} TFLOP/s, HBM {d["hbm_bw"] / 1e9:.0f} '
+                 f'GB/s, ICI {d["ici_bw"] / 1e9:.0f} GB/s; opd_jax/roofline.py)')
+    for name, p in est['phases'].items():
+      extra = (f', HBM bound {_sec(p["hbm_bound_s"])} = '
+               f'{p["seconds"] / p["hbm_bound_s"]:.2f}x' if p.get('hbm_bound_s') else '')
+      lines.append(f'  {name:<16} {_sec(p["seconds"]):>10}  bound by {p["binding"]:<8} '
+                   f'(compute {_sec(p["compute_s"])}, HBM {_sec(p["hbm_s"])}, ICI '
+                   f'{_sec(p["ici_s"])}, latency {_sec(p["latency_s"])}{extra})')
+      lines.append(f'  {"":<16} {p["note"]}')
+    lines.append(f'  step             {_sec(est["step_seconds"]):>10}  implied MFU '
+                 f'{100 * est["mfu"]:.1f}% (executed model FLOPs, no remat)')
   big = rep['largest']
   lines.append('')
   if big['measured']:
@@ -501,6 +743,9 @@ def format_report(rep: dict, config_name: str) -> str:
   unmeasured = [f['name'] for f in rep['functions'] if not f['measured']]
   if unmeasured:
     lines.append(f'not measurable (one buffer alone exceeds the HBM): {", ".join(unmeasured)}')
+  if rep.get('decode_gather_errors'):
+    lines.append('DECODE GATHERS WEIGHTS per generated token: '
+                 + ', '.join(rep['decode_gather_errors']))
   if rep['over_hbm']:
     lines.append(f'DOES NOT FIT in {_fmt(hbm)} HBM per device: {", ".join(rep["over_hbm"])}')
   elif hbm:
@@ -557,7 +802,7 @@ def _config_name(argv: list[str]) -> str:
 
 
 def run(config, *, topology: str | None = None, backend: str = 'auto', num_devices: int = 0,
-        argv: list[str] | None = None, log=print) -> dict:
+        argv: list[str] | None = None, log=print, phases=PHASES) -> dict:
   """Picks the target, compiles `config` for it, prints the report and returns it."""
   argv = list(sys.argv[1:] if argv is None else argv)
   kind, topo, n_cpu = _choose(topology, backend, num_devices)
@@ -580,7 +825,7 @@ def run(config, *, topology: str | None = None, backend: str = 'auto', num_devic
     _use_cpu_devices(n_cpu, argv)
     target = cpu_target(n_cpu, topo)
   log(f'opd_jax.aot: compiling one training step for {target.label}')
-  rep = check_config(config, target, log=log)
+  rep = check_config(config, target, log=log, phases=tuple(phases))
   log(format_report(rep, _config_name(argv)))
   return rep
 
@@ -598,7 +843,9 @@ def main(argv=None):
   flags.DEFINE_integer('num_devices', 0, "CPU estimate: fake devices (default: the "
                        "topology's chips, else 8)")
   flags.DEFINE_string('json', None, 'also write the report as JSON to this file')
-  flags.DEFINE_bool('strict', False, 'exit with status 3 when a peak exceeds the HBM')
+  flags.DEFINE_list('phases', list(PHASES), 'the phases to compile: rollout, score, update')
+  flags.DEFINE_bool('strict', False, 'exit with status 3 when a peak exceeds the HBM, 4 when '
+                    'a decode loop gathers parameters at every token')
   flags.mark_flags_as_required(['config'])
 
   def _main(argv_rest):
@@ -607,7 +854,7 @@ def main(argv=None):
     try:
       rep = run(config_flag.value, topology=f.topology, backend=f.backend,
                 num_devices=f.num_devices, argv=(argv or sys.argv)[1:],
-                log=lambda s: print(s, flush=True))
+                log=lambda s: print(s, flush=True), phases=f.phases)
     except ConfigError as e:  # AotError included
       raise app.UsageError(str(e)) from e
     if f.json:
@@ -615,6 +862,8 @@ def main(argv=None):
         json.dump(rep, fh, indent=1)
     if f.strict and rep['over_hbm']:
       sys.exit(3)
+    if f.strict and rep['decode_gather_errors']:
+      sys.exit(4)
 
   app.run(_main, argv=argv)
 

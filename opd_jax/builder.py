@@ -13,6 +13,7 @@ are opd_jax/checks.py; they are re-exported here.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -230,6 +231,10 @@ class Run:
   # The exact / student-top-k `loss.full_vocab` options: the teacher's output projection
   # [V, D] on the student's mesh (UpdateBatch.teacher_unembed).
   teacher_unembed: Any = None
+  # The rollout layout (None: the sampler uses the training layout) and the cast
+  # parameters' shardings on it (docs/design.md §5).
+  layout: Any = None
+  rollout_shardings: Any = None
 
   @property
   def coef_J(self):
@@ -258,16 +263,33 @@ class Run:
                         shape, self.state_shardings)
 
   def cast_fn(self):
-    """Jitted params -> params in the compute dtype, with the params' shardings (the rollout
-    samples with these). For a LoRA student: adapters -> the merged plain parameters
-    W + (alpha / r) B A in the compute dtype, on the base's shardings."""
+    """Jitted params -> params in the compute dtype, resharded onto the rollout layout (the
+    rollout samples with these; one relayout per rollout, `rollout_reshard_bytes` per
+    device). For a LoRA student: adapters -> the merged plain parameters
+    W + (alpha / r) B A in the compute dtype."""
+    fn, args = self.cast_jit()
+    return lambda params: fn(*args(params))
+
+  def cast_jit(self):
+    """(the jitted cast of `cast_fn`, trained params -> its arguments), for the AOT check."""
     dtype = self.config.student.compute_dtype
     if self.lora is not None:
       merged = jax.jit(lambda base, ad: lora_lib.merge_params(base, ad, self.lora, dtype),
-                       out_shardings=self.param_shardings)
-      return lambda adapters: merged(self.base, adapters)
+                       out_shardings=self.rollout_shardings)
+      return merged, lambda adapters: (self.base, adapters)
     return jax.jit(lambda p: jax.tree.map(lambda x: x.astype(dtype), p),
-                   out_shardings=self.param_shardings)
+                   out_shardings=self.rollout_shardings), lambda p: (p,)
+
+  @functools.cached_property
+  def rollout_reshard_bytes(self) -> int:
+    """Bytes the busiest device receives per rollout to relayout the (cast) parameters."""
+    if self.layout is None:
+      return 0
+    dtype = jnp.dtype(self.config.student.compute_dtype)
+    cast = jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+        x.shape, dtype if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype),
+        self.plain_params)
+    return shd.reshard_bytes(cast, self.param_shardings, self.rollout_shardings)
 
   @property
   def plain_params(self):
@@ -285,6 +307,15 @@ class Run:
   def param_counts(self) -> dict[str, float]:
     """{'params/trainable', 'params/total'} (logged at the first step)."""
     return lora_lib.param_counts(self.params, self.base)
+
+
+def rollout_layout(config, mesh, cfg) -> shd.RolloutLayout | None:
+  """The layout a model with architecture `cfg` samples on (config.rollout.tensor_parallel)."""
+  try:
+    return shd.rollout_layout(mesh, cfg.num_heads, cfg.num_kv_heads,
+                              int(config.rollout.tensor_parallel))
+  except ValueError as e:
+    raise ConfigError(f'config.rollout.tensor_parallel: {e}') from None
 
 
 def build_run(config, mesh, *, tokenizer=None, abstract: bool = False, devices=None) -> Run:
@@ -364,14 +395,18 @@ def build_run(config, mesh, *, tokenizer=None, abstract: bool = False, devices=N
     notes.append('config.rollout.stop_tokens not resolved (no tokenizer): shapes unaffected')
   pad_id = int(tokenizer.pad_token_id or 0) if tokenizer is not None else int(
       hf.get('pad_token_id') or 0)
-  # The rollout runs on parameters cast to the compute dtype; its KV cache takes that dtype.
+  # The rollout runs on parameters cast to the compute dtype (its KV cache takes that dtype),
+  # resharded onto the rollout layout (docs/design.md §5).
+  layout = rollout_layout(config, mesh, cfg)
   sampler = Sampler(graphdef, mesh=mesh, pad_id=pad_id,
                     cache_dtype=jnp.dtype(config.student.compute_dtype),
-                    slots=int(config.rollout.slots) or None)
+                    slots=int(config.rollout.slots) or None, layout=layout)
   teacher_sampler = teacher_sp = None
   teacher_samplers = []
   if config.mode == 'sft' and config.sft.source == 'teacher':
-    teacher_samplers = [Sampler(t.graphdef, mesh=t.mesh, pad_id=pad_id) for t in teachers]
+    teacher_samplers = [Sampler(t.graphdef, mesh=t.mesh, pad_id=pad_id,
+                                layout=rollout_layout(config, t.mesh, t.cfg))
+                        for t in teachers]
     teacher_sampler = teacher_samplers[0]
     teacher_sp = SamplingParams(max_new_tokens=config.rollout.max_new_tokens,
                                 temperature=config.sft.temperature, stop_ids=ids)
@@ -384,6 +419,8 @@ def build_run(config, mesh, *, tokenizer=None, abstract: bool = False, devices=N
   update_fn = make_update_fn(graphdef if train_graphdef is None else train_graphdef, tx,
                              schedule, spec, micro_batches=micro,
                              state_shardings=state_shardings, frozen=base)
+  rollout_shardings = (layout.shardings(base if lora is not None else params)
+                       if layout is not None else param_shardings)
   return Run(config=config, mesh=mesh, student_cfg=cfg, student_where=where,
              graphdef=graphdef, params=params, teachers=teachers, specs=specs,
              reference=reference, stop_ids=ids, pad_id=pad_id, sampler=sampler,
@@ -391,10 +428,11 @@ def build_run(config, mesh, *, tokenizer=None, abstract: bool = False, devices=N
              teacher_sp=teacher_sp, teacher_samplers=teacher_samplers, tx=tx, schedule=schedule,
              param_shardings=param_shardings, state_shardings=state_shardings,
              update_fn=update_fn, loss=spec, notes=notes, lora=lora, base=base,
-             train_graphdef=train_graphdef, teacher_unembed=teacher_unembed)
+             train_graphdef=train_graphdef, teacher_unembed=teacher_unembed,
+             layout=layout, rollout_shardings=rollout_shardings)
 
 
 __all__ = ['RESUMABLE_FIELDS', 'ConfigError', 'ModelSource', 'Run', 'abstract_model', 'batch_rows', 'build_run',
            'check_model_paths', 'check_resume', 'check_signal', 'loss_spec', 'model_source',
-           'make_teacher', 'rollout_params', 'stop_ids', 'teacher_specs', 'update_batch_spec',
+           'make_teacher', 'rollout_layout', 'rollout_params', 'stop_ids', 'teacher_specs', 'update_batch_spec',
            'validate']

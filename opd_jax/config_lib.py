@@ -79,6 +79,7 @@ def base_config() -> ConfigDict:
       top_p=1.0,
       stop_tokens=[],            # extra stop token strings (EOS ids are always stops)
       slots=0,                   # continuous batching: rows decoded at once (0: static)
+      tensor_parallel=0,         # rollout layout's TP degree: 0 auto, -1 the training layout
   ))
 
   c.agent = ConfigDict(dict(     # multi-turn episodes (opd_jax/multiturn.py, opd_jax/envs/)

@@ -112,11 +112,11 @@ def _refill(graphdef, params, st: SlotState, out, ids_rxP, mask_rxP, src_R, req_
   src = jnp.maximum(src_R, 0)
   lo = d.step - p  # the new prompts occupy [g - P, g)
 
-  def put(c, new):  # c [R, S, K, E], new [r, P, K, E]
+  def put(c, new):  # c [R, K, S, E], new [r, K, P, E]
     rows = jnp.take(new, src, axis=0).astype(c.dtype)
-    old = jax.lax.dynamic_slice(c, (0, lo, 0, 0), (slots, p) + c.shape[2:])
+    old = jax.lax.dynamic_slice(c, (0, 0, lo, 0), (slots, c.shape[1], p, c.shape[3]))
     return jax.lax.dynamic_update_slice(c, jnp.where(fill[:, None, None, None], rows, old),
-                                        (0, lo, 0, 0))
+                                        (0, 0, lo, 0))
   cache = {n: [put(c, new) for c, new in zip(d.cache[n], pre_cache[n])] for n in ('k', 'v')}
   pm = jnp.take(mask_rxP, src, axis=0).astype(jnp.int32)  # [R, P]
   fresh = jnp.broadcast_to((jnp.arange(cache_len) >= d.step).astype(jnp.int32),
@@ -173,7 +173,7 @@ def _compact(st: SlotState, delta):
   d = st.dec
   cache_len = st.kv_mask.shape[1]
   step = d.step - delta
-  cache = jax.tree.map(lambda c: jnp.roll(c, -delta, axis=1), d.cache)
+  cache = jax.tree.map(lambda c: jnp.roll(c, -delta, axis=2), d.cache)
   kv_mask = jnp.where(jnp.arange(cache_len)[None] >= step, 1, jnp.roll(st.kv_mask, -delta, 1))
   return dataclasses.replace(st, dec=dataclasses.replace(d, step=step, cache=cache),
                              kv_mask=kv_mask)

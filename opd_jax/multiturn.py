@@ -322,8 +322,10 @@ class MultiTurnSampler:
                env_kwargs: Mapping[str, Mapping[str, Any]] | None = None, mesh=None,
                pad_id: int | None = None, cache_dtype=None,
                prompt_buckets: Sequence[int] = DEFAULT_PROMPT_BUCKETS, max_workers: int = 16,
-               logits_fn=None):
-    self.graphdef, self.mesh = graphdef, mesh
+               logits_fn=None, layout: shd.RolloutLayout | None = None):
+    # `mesh`: the caller's; `layout` (optional): where the turns decode, as in Sampler.
+    self.graphdef, self.mesh, self.layout = graphdef, mesh, layout
+    self.run_mesh = layout.mesh if layout is not None else mesh
     self.tokenizer, self.encoder = tokenizer, encoder
     self.stop_ids = tuple(int(i) for i in stop_ids)
     if not self.stop_ids:
@@ -375,7 +377,7 @@ class MultiTurnSampler:
     return self._formats[name]
 
   def _put(self, x):
-    return jnp.asarray(x) if self.mesh is None else shd.shard_batch(x, self.mesh)
+    return jnp.asarray(x) if self.run_mesh is None else shd.shard_batch(x, self.run_mesh)
 
   def __call__(self, params, records, key, *, temperature: float = 1.0, top_k: int = 0,
                top_p: float = 1.0) -> Episodes:
@@ -414,7 +416,7 @@ class MultiTurnSampler:
                         f'over data.max_prompt_len={self.encoder.max_prompt_len}')
     p = bucket(max(len(x) for x in prompts), self.prompt_buckets)
     ids, pmask = left_pad(prompts, p, self.pad_id)
-    mult = 1 if self.mesh is None else shd.batch_size_multiple(self.mesh)
+    mult = 1 if self.run_mesh is None else shd.batch_size_multiple(self.run_mesh)
     bb = batch_bucket(b, mult)
     done = np.zeros((bb,), bool)
     done[:b] = [e is not None for e in end]
@@ -434,7 +436,8 @@ class MultiTurnSampler:
     truncated = np.zeros((b,), np.int32)
     steps_total = 0
     pool = ThreadPoolExecutor(max(1, min(self.max_workers, b)))
-    ctx = jax.set_mesh(self.mesh) if self.mesh is not None else _null()
+    params = params if self.layout is None else self.layout.put(params)
+    ctx = jax.set_mesh(self.run_mesh) if self.run_mesh is not None else _null()
     try:
       with ctx:
         cache, logits = self._prefill(params, self._put(ids), self._put(pmask),
@@ -616,7 +619,7 @@ def from_config(config, run, tokenizer, encoder) -> MultiTurnSampler | None:
   if not a.tag_to_env:
     return None
   return MultiTurnSampler(
-      run.graphdef, mesh=run.mesh, tokenizer=tokenizer, encoder=encoder,
+      run.graphdef, mesh=run.mesh, layout=run.layout, tokenizer=tokenizer, encoder=encoder,
       stop_ids=run.stop_ids, pad_id=run.pad_id, tag_to_env=dict(a.tag_to_env),
       env_kwargs={k: dict(v) for k, v in a.env_kwargs.items()}, budgets=Budgets.from_config(a),
       cache_dtype=jnp.dtype(config.student.compute_dtype))

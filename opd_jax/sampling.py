@@ -6,7 +6,7 @@ Legend: B rows, P prompt slots (bucketed), N max new tokens, S = P + N cache slo
 Layout. Prompts are left-padded to P, so every row's next token goes to the same cache slot
 P + i at decode step i (one `dynamic_update_slice` for the whole batch) while positions
 stay per-row (the count of real tokens before it). The cache (one k and one v array
-[B, S, K, E] per layer) is created by `prefill` (a scan over the stacked layers), then
+[B, K, S, E] per layer) is created by `prefill` (a scan over the stacked layers), then
 donated to `decode` (layers unrolled), whose loop updates each layer's arrays in place; no
 Python runs per token.
 
@@ -141,7 +141,7 @@ def _select(logits_BxV, keys_B, sp: SamplingParams):
 class DecodeState:
   """The decode loop's carry. `step`: loop iterations so far (the static sampler writes
   every row's response step `step` at cache slot P + step; the continuous one uses it as
-  the shared cache write slot). cache: {'k', 'v'}: L arrays [B, S, K, E]; done [B]; logits
+  the shared cache write slot). cache: {'k', 'v'}: L arrays [B, K, S, E]; done [B]; logits
   [B, V] (of each row's last token); tokens / mask / logps [B, N] (the responses so far)."""
   step: jax.Array
   cache: dict
@@ -158,7 +158,7 @@ jax.tree_util.register_dataclass(
 
 
 def _cache_spec():
-  return (shd.BATCH_AXES, None, 'tensor', None)  # each layer's [B, S, K, E]
+  return (shd.BATCH_AXES, 'tensor', None, None)  # each layer's [B, K, S, E]
 
 
 def _prefill(graphdef, params, prompt_ids_BxP, prompt_mask_BxP, *, max_new_tokens: int,
@@ -229,7 +229,10 @@ class Sampler:
     rollout = sampler(params, prompts, key, SamplingParams(max_new_tokens=256, stop_ids=(eos,)))
   `prompts` is a list of token-id lists, or a pair (ids [B, P], mask [B, P]) already
   left-padded. With a mesh, rows are split over the data axes and the cache's kv heads over
-  'tensor'; parameters keep whatever sharding they were created with.
+  'tensor'. With a `layout` (sharding.RolloutLayout over the mesh's devices) the sampler
+  decodes there: parameters not already on it are resharded once per call (the trainer's
+  cast puts them there), and the returned Rollout is batch-sharded on `mesh` again. Without
+  one, parameters keep whatever sharding they were created with.
 
   `slots` R (None or 0: off) turns on continuous batching (`opd_jax.continuous`): R cache
   rows decode at once and a row that stops takes the next pending prompt; same draws and
@@ -243,9 +246,12 @@ class Sampler:
   def __init__(self, graphdef: nnx.GraphDef, *, mesh: jax.sharding.Mesh | None = None,
                pad_id: int = 0, prompt_buckets: Sequence[int] = DEFAULT_PROMPT_BUCKETS,
                cache_dtype=None, slots: int | None = None, refill_min: int | None = None,
-               cache_slack: int | None = None, logits_fn=None):
+               cache_slack: int | None = None, logits_fn=None,
+               layout: shd.RolloutLayout | None = None):
     self.graphdef = graphdef
-    self.mesh = mesh
+    self.mesh = mesh           # where the caller's arrays live (the Rollout is returned here)
+    self.layout = layout
+    self.run_mesh = layout.mesh if layout is not None else mesh  # where decoding runs
     self.pad_id = int(pad_id)
     self.prompt_buckets = tuple(sorted(prompt_buckets))
     self._prefill = jax.jit(functools.partial(_prefill, graphdef), static_argnames=(
@@ -259,7 +265,7 @@ class Sampler:
     self.continuous = None
     if self.slots:
       from opd_jax.continuous import ContinuousBatcher
-      self.continuous = ContinuousBatcher(graphdef, slots=self.slots, mesh=mesh,
+      self.continuous = ContinuousBatcher(graphdef, slots=self.slots, mesh=self.run_mesh,
                                           pad_id=self.pad_id, cache_dtype=cache_dtype,
                                           refill_min=refill_min, cache_slack=cache_slack,
                                           logits_fn=logits_fn)
@@ -269,15 +275,22 @@ class Sampler:
     return self._prefill._cache_size()
 
   def _shard(self, x):
-    if self.mesh is None:
+    if self.run_mesh is None:
       return jnp.asarray(x)
     if jax.process_count() > 1:
-      return shd.shard_local_batch(x, self.mesh)
-    return shd.shard_batch(x, self.mesh)
+      return shd.shard_local_batch(x, self.run_mesh)
+    return shd.shard_batch(x, self.run_mesh)
 
   def _batch_multiple(self) -> int:
     pcount = jax.process_count()
-    return 1 if self.mesh is None else max(1, shd.batch_size_multiple(self.mesh) // pcount)
+    return 1 if self.run_mesh is None else max(
+        1, shd.batch_size_multiple(self.run_mesh) // pcount)
+
+  def _to_caller(self, x):
+    """A [B, ...] result moved from the rollout layout to the caller's mesh."""
+    if self.layout is None or self.mesh is None:
+      return x
+    return jax.device_put(x, shd.rows_sharding(self.mesh, x.shape[0], x.ndim))
 
   def _host_prompts(self, prompts):
     """(ids [B, P], mask [B, P]) int32 host arrays, left-padded to the prompt bucket."""
@@ -331,7 +344,9 @@ class Sampler:
       done[b:] = True
     use_continuous = (self.continuous is not None and pcount == 1
                       and b > self.continuous.num_slots(mult))
-    ctx = jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
+    params = params if self.layout is None else self.layout.put(params)
+    ctx = (jax.set_mesh(self.run_mesh) if self.run_mesh is not None
+           else contextlib.nullcontext())
     with ctx:
       if use_continuous:
         tokens, rmask, logps, steps = self.continuous.run(params, ids[:b], mask[:b], key, sp,
@@ -346,4 +361,5 @@ class Sampler:
     fields = (ids, mask, tokens, rmask, logps)
     if bb != b and pcount == 1:
       fields = tuple(x[:b] for x in fields)
+    fields = tuple(self._to_caller(x) for x in fields)
     return Rollout(*fields, decode_steps=steps, host_count=b)

@@ -16,6 +16,7 @@ tiny test models run on any mesh. Student and teacher may use different rule set
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import re
@@ -308,3 +309,108 @@ def allgather_host(x: np.ndarray) -> np.ndarray:
     return np.asarray(x)[None]
   from jax.experimental import multihost_utils
   return np.asarray(multihost_utils.process_allgather(np.asarray(x)))
+
+
+# ------------------------------------------------------------------------ rollout layout
+# Decoding with the training (FSDP) layout makes XLA:TPU gather every weight at every
+# generated token (it sinks the gathers into the decode loop to save memory). The sampler
+# therefore runs on its own layout over the same devices: tensor parallelism over heads, MLP
+# units and vocabulary on a 'tensor' axis of degree t, rows over the other n / t devices
+# ('data'), no FSDP. Parameters are resharded onto it once per rollout (docs/design.md §5).
+ROLLOUT_OFF = -1
+
+
+def rollout_tp_degree(num_heads: int, num_kv_heads: int, n_devices: int,
+                      requested: int = 0) -> int:
+  """The rollout's tensor-parallel degree t. `requested` 0 = automatic: the largest t that
+  divides the device count, the query heads and the kv heads (so the KV cache splits by
+  heads, not inside one) and leaves each device at least 2 kv heads when the model has 2
+  or more: with one kv head per device XLA:TPU lays the decode loop's cache out rows-minor
+  and copies the whole cache in and out of the loop (Qwen3-1.7B at B=256, S=5k on v5e-16:
+  10.4 GiB of temporaries at t=8, 1.1 GiB at t=4). An explicit t must divide the device count
+  and the query heads (kv heads that t does not divide are replicated)."""
+  if requested == 0:
+    min_kv = 2 if num_kv_heads >= 2 else 1
+    return max(t for t in range(1, n_devices + 1)
+               if n_devices % t == 0 and num_heads % t == 0 and num_kv_heads % t == 0
+               and num_kv_heads // t >= min_kv)
+  if requested < 1 or n_devices % requested or num_heads % requested:
+    raise ValueError(f'rollout.tensor_parallel={requested} must divide the {n_devices} '
+                     f'devices and the {num_heads} attention heads (0: automatic, '
+                     f'{ROLLOUT_OFF}: sample on the training layout)')
+  return requested
+
+
+def rollout_rules(num_kv_heads: int, tp: int) -> Rules:
+  """Tensor-parallel rules without FSDP; k/v projections replicated when t does not divide
+  the kv heads (splitting a head's E dims would make every attention score a collective)."""
+  rules = RULE_SETS['tp']
+  if num_kv_heads % tp == 0:
+    return rules
+  kv = (r'layers/self_attn/(k|v)_proj/(weight|bias)', ())
+  return (kv,) + tuple(rules)
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutLayout:
+  """Where a model samples: `mesh` (data = rows, tensor = t, over the training mesh's
+  devices in the same order) and the parameter `rules` on it."""
+  mesh: Mesh
+  tp: int
+  rules: Rules
+
+  def shardings(self, params):
+    """NamedShardings of `params` (arrays or ShapeDtypeStructs) on this layout."""
+    return param_shardings(params, self.mesh, self.rules)
+
+  def put(self, params):
+    """`params` on this layout: unchanged when already there, else resharded (once per
+    rollout: a teacher sampling for SFT, a caller that did not cast onto the layout)."""
+    target = self.shardings(params)
+    if all(getattr(x, 'sharding', None) == t
+           for x, t in zip(jax.tree.leaves(params), jax.tree.leaves(target))):
+      return params
+    return jax.device_put(params, target)
+
+
+def rollout_layout(mesh: Mesh, num_heads: int, num_kv_heads: int,
+                   requested: int = 0) -> RolloutLayout | None:
+  """The rollout layout for a model on `mesh`, or None (sample on the training layout) when
+  `requested` is ROLLOUT_OFF or automatic on a one-device mesh."""
+  n = mesh.devices.size
+  if requested == ROLLOUT_OFF or (requested == 0 and n == 1):
+    return None
+  tp = rollout_tp_degree(num_heads, num_kv_heads, n, requested)
+  # Same flat device order as the training mesh: the reshard is a relayout on the same
+  # devices, and consecutive devices (ICI neighbours on a TPU slice) share the tensor axis.
+  devs = np.asarray(mesh.devices).reshape(n // tp, 1, tp)
+  return RolloutLayout(Mesh(devs, MESH_AXES), tp, rollout_rules(num_kv_heads, tp))
+
+
+def reshard_bytes(tree, src, dst) -> int:
+  """Bytes the busiest device receives when `tree` (arrays or ShapeDtypeStructs) moves from
+  shardings `src` to `dst`: each device's new shard minus what it already held."""
+  per: dict[Any, int] = {}
+  for x, s, d in zip(jax.tree.leaves(tree), jax.tree.leaves(src), jax.tree.leaves(dst)):
+    shape, item = tuple(x.shape), np.dtype(x.dtype).itemsize
+    held = s.devices_indices_map(shape)
+    for dev, idx in d.devices_indices_map(shape).items():
+      have = held.get(dev)
+      new = math.prod(_extent(i, n) for i, n in zip(idx, shape))
+      both = 0 if have is None else math.prod(
+          max(0, min(_stop(a, n), _stop(b, n)) - max(_start(a), _start(b)))
+          for a, b, n in zip(idx, have, shape))
+      per[dev] = per.get(dev, 0) + (new - both) * item
+  return max(per.values(), default=0)
+
+
+def _start(s: slice) -> int:
+  return s.start or 0
+
+
+def _stop(s: slice, n: int) -> int:
+  return n if s.stop is None else s.stop
+
+
+def _extent(s: slice, n: int) -> int:
+  return _stop(s, n) - _start(s)

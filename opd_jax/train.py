@@ -327,6 +327,8 @@ def opd_batch(loop: Loop, state, key) -> tuple[UpdateBatch, dict]:
     tokens, attn, lmask, s_b = steps.rollout_arrays(rollout)
   jax.block_until_ready(s_b)
   t_rollout = time.time() - t0
+  # the cast parameters' relayout onto the rollout layout, per device (docs/design.md §5)
+  metrics['rollout/reshard_bytes'] = float(r.rollout_reshard_bytes)
   gen_tokens = float(jnp.sum(lmask))
   loop.flops.add('rollout', _rollout_flops(r.student_cfg, rollout) if episodes is None
                  else multiturn.rollout_flops(r.student_cfg, episodes))

@@ -195,7 +195,8 @@ def test_per_layer_cache_prefill_then_decode_equals_uncached_logits(qwen3):
   want = np.asarray(model(ids))
   p, s = 6, 9
   cache = init_cache(model.cfg, 2, s)
-  assert len(cache['k']) == model.cfg.num_layers and cache['k'][0].shape[:2] == (2, s)
+  assert len(cache['k']) == model.cfg.num_layers and cache['k'][0].shape == (
+      2, model.cfg.num_kv_heads, s, model.cfg.head_dim)
   kv_mask = jnp.ones((2, s), jnp.int32)
   h, cache = model.hidden(ids[:, :p], cache=cache, kv_mask_BxS=kv_mask, start=0)
   got = [np.asarray(model.logits(h))]

@@ -10,10 +10,13 @@ Parameters carry Hugging Face's names and layouts (`weight` of a linear layer is
 The L decoder layers are one vmapped `Block` with stacked parameters ([L, ...] leading
 axis), run with `lax.scan`, so compile time does not grow with depth.
 
-The KV cache is a dict of two lists of L arrays [B, S, Hk, E], one per layer. A cached call
+The KV cache is a dict of two lists of L arrays [B, Hk, S, E], one per layer. A cached call
 writes the new keys and values at slots [start, start + T) and lets query t attend to slots
 <= start + t whose `kv_mask` is set; slot order is time order (the sampler left-pads
-prompts).
+prompts). Heads come before slots so that a device's shard keeps (S, E) as its two minor
+dimensions whatever the heads' split: with [B, S, Hk, E] and one kv head per device (the
+tensor-parallel rollout layout), XLA:TPU lays the decode loop's cache out differently from
+its argument and copies the whole cache on entry (docs/design.md §5).
 
 LoRA (`LoraSpec`, docs/design.md §9): a `Decoder(..., lora=spec)` gives each targeted
 projection an `nnx.LoRA` adapter (float32 `lora_a` [in, r], `lora_b` [r, out], variables of
@@ -134,7 +137,7 @@ class Attention(nnx.Module):
 
   def __call__(self, x_BxTxD, cos, sin, *, kv_mask_BxS, q_slot_T, cache_kv=None,
                start=None, fused_qkv=None):
-    """Returns (out [B, T, D], the updated (k, v) cache arrays [B, S, Hk, E]), or without a
+    """Returns (out [B, T, D], the updated (k, v) cache arrays [B, Hk, S, E]), or without a
     cache (out, this call's new (k, v) [B, T, Hk, E]).
 
     `fused_qkv` (a Linear-like dict from Decoder.split_layers) computes q, k and v with one
@@ -163,11 +166,14 @@ class Attention(nnx.Module):
       # Write this chunk at slots [start, start + T) of this layer's cache arrays in place,
       # then attend to the whole (static-length) cache, read back in the compute dtype.
       cache_k, cache_v = cache_kv
-      idx = (0, start, 0, 0)
-      cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), idx)
-      cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), idx)
+      idx = (0, 0, start, 0)
+      cache_k = jax.lax.dynamic_update_slice(
+          cache_k, jnp.swapaxes(k, 1, 2).astype(cache_k.dtype), idx)
+      cache_v = jax.lax.dynamic_update_slice(
+          cache_v, jnp.swapaxes(v, 1, 2).astype(cache_v.dtype), idx)
       cache_kv = (cache_k, cache_v)
-      k, v = cache_k.astype(q.dtype), cache_v.astype(q.dtype)
+      k = jnp.swapaxes(cache_k, 1, 2).astype(q.dtype)  # [B, S, Hk, E] views for _attend
+      v = jnp.swapaxes(cache_v, 1, 2).astype(q.dtype)
     s = k.shape[1]
 
     q_BxTxHkxRxE = q.reshape(b, t, k_heads, g, e)
@@ -345,7 +351,7 @@ class Decoder(nnx.Module):
     """Final-norm hidden states [B, T, D] (model dtype) and the updated cache.
 
     Without a cache, `attention_mask` [B, T] marks real tokens (left or right padding).
-    With a cache (`init_cache`: dict k, v of L arrays [B, S, Hk, E]), the tokens occupy slots
+    With a cache (`init_cache`: dict k, v of L arrays [B, Hk, S, E]), the tokens occupy slots
     [start, start + T) and `kv_mask_BxS` marks the valid slots (including the ones being
     written). `unrolled` (from `split_layers()`) runs the layers as a Python loop over those
     per-layer parameters instead of a scan (compile time grows with L); a cached call needs
@@ -393,7 +399,8 @@ class Decoder(nnx.Module):
       (x, _), new_kv = jax.lax.scan(body, (x, None), layer_state)
       if not collect:
         return self.norm(x), None
-      new_cache = {name: [jax.lax.dynamic_update_slice(c, new[i].astype(c.dtype), (0, 0, 0, 0))
+      new_cache = {name: [jax.lax.dynamic_update_slice(
+          c, jnp.swapaxes(new[i], 1, 2).astype(c.dtype), (0, 0, 0, 0))
                           for i, c in enumerate(cache[name])]
                    for name, new in zip(('k', 'v'), new_kv)}
       return self.norm(x), new_cache
@@ -423,8 +430,8 @@ class Decoder(nnx.Module):
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=jnp.float32):
-  """An empty KV cache {k, v}: lists of L arrays [B, S, Hk, E], one per layer, so each layer's
+  """An empty KV cache {k, v}: lists of L arrays [B, Hk, S, E], one per layer, so each layer's
   arrays are updated in place (a stacked [L, ...] cache costs a copy of the layer's slice
   per call on XLA:CPU)."""
-  shape = (batch, length, cfg.num_kv_heads, cfg.head_dim)
+  shape = (batch, cfg.num_kv_heads, length, cfg.head_dim)
   return {n: [jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)] for n in ('k', 'v')}
