@@ -194,6 +194,20 @@ def make_teacher(spec: TeacherSpec, *, student_mesh, student_tokenizer=None, top
                       micro_batches=micro_batches, with_hidden=with_hidden)
 
 
+def check_reference_tokenizer(config, student_tokenizer) -> None:
+  """A G-OPD `gopd.reference` checkpoint scores the student's token ids like a teacher, so
+  its tokenizer must map the same strings to the same ids (data.check_tokenizers_match);
+  raises VocabMismatchError naming config.gopd.reference. No-op for 'student_init'."""
+  ref = config.gopd.reference
+  if not config.gopd.enabled or ref == 'student_init':
+    return
+  import transformers
+  from opd_jax import data as data_lib
+  data_lib.check_tokenizers_match(
+      student_tokenizer, transformers.AutoTokenizer.from_pretrained(tiny.resolve_model(ref)),
+      teacher_name=f'config.gopd.reference ({ref})')
+
+
 # ---------------------------------------------------------------------------------- run
 @dataclasses.dataclass
 class Run:
@@ -292,6 +306,8 @@ def build_run(config, mesh, *, tokenizer=None, abstract: bool = False, devices=N
   shardings, architectures from config.json or presets), for `opd_jax.aot`; `devices`: the
   devices teacher slices are taken from (the AOT target's)."""
   validate(config, mesh)
+  if tokenizer is not None and not abstract:
+    check_reference_tokenizer(config, tokenizer)  # before any weights load
   notes: list[str] = []
   micro = int(config.batch.micro_batches)
   # The teacher returns its top-k for the top-k options; for the exact / student-top-k ones
@@ -395,6 +411,6 @@ def build_run(config, mesh, *, tokenizer=None, abstract: bool = False, devices=N
 
 
 __all__ = ['RESUMABLE_FIELDS', 'ConfigError', 'ModelSource', 'Run', 'abstract_model', 'batch_rows', 'build_run',
-           'check_model_paths', 'check_resume', 'check_signal', 'loss_spec', 'model_source',
+           'check_model_paths', 'check_reference_tokenizer', 'check_resume', 'check_signal', 'loss_spec', 'model_source',
            'make_teacher', 'rollout_params', 'stop_ids', 'teacher_specs', 'update_batch_spec',
            'validate']

@@ -106,3 +106,20 @@ def test_aot_and_trainer_compile_the_same_exact_full_vocab_update():
   assert batch.teacher_unembed.sharding == real.teacher_unembed.sharding
   texts = [r.update_fn.lower(r.abstract_state(), batch).as_text() for r in (real, abstract)]
   assert texts[0] == texts[1]
+
+
+def test_a_gopd_reference_with_another_vocabulary_stops_before_any_weights_load(
+    tmp_path, monkeypatch):
+  """Like a teacher, the G-OPD reference scores the student's token ids, so its tokenizer
+  must match; the check runs before the student's (or any) weights load."""
+  from opd_jax.data import VocabMismatchError
+  from opd_jax.tiny import build_char_tokenizer, make_tiny_checkpoint
+  other = make_tiny_checkpoint(str(tmp_path / 'ref'), tokenizer=build_char_tokenizer(
+      chars='0123456789+-=#abcdefghijklmnopqrstuvwxyz \n'))
+  loaded = []
+  monkeypatch.setattr(builder, 'load_pretrained', lambda *a, **kw: loaded.append(a) or 1 / 0)
+  config = with_overrides(load_config('opd_single_teacher', 'runlocal'), gopd__enabled=True,
+                          gopd__reference=other)
+  with pytest.raises(VocabMismatchError, match=r'config\.gopd\.reference.*token id \d+'):
+    run(config, str(tmp_path / 'run'))
+  assert not loaded
