@@ -89,6 +89,9 @@ def update_batch_spec(config, mesh, rows: int, seq: int, *, teacher_unembed=None
     return UpdateBatch(*ints)
   batch = UpdateBatch(*ints, behaviour_logprobs=sds((rows, seq), jnp.float32),
                       advantages=sds((rows, seq), jnp.float32))
+  if config.loss.full_vocab:  # the rows the teacher scored
+    batch = dataclasses.replace(batch, teacher_rows=sds((rows,), jnp.float32,
+                                                        shd.batch_sharding(mesh, 1)))
   if losses.needs_teacher_hidden(config.loss.full_vocab):
     if teacher_unembed is None:
       spec = teacher_specs(config)[0]

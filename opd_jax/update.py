@@ -102,6 +102,10 @@ class UpdateBatch:
   # trainer's mini-batches never split it (`rows`).
   teacher_hidden: Any = None
   teacher_unembed: Any = None
+  # [B] float, 1 on the rows the `loss.full_vocab` teacher scored (its route): the divergence
+  # applies to those rows only, since the teacher's fields hold zeros on the others. None:
+  # every row was scored.
+  teacher_rows: Any = None
 
   def rows(self, lo: int, hi: int) -> 'UpdateBatch':
     """Rows [lo, hi) of every per-row field."""
@@ -270,9 +274,16 @@ def _loss_terms(params, graphdef, batch: UpdateBatch, spec: LossSpec):
                   'is/ratio_min': Min(jnp.min(jnp.where(m > 0, ratio, jnp.inf))),
                   'is/clip_frac': mean(is_stats['clipped_BxT'])})
     if spec.full_vocab:
-      gkd = jnp.where(m > 0, out['gkd'], 0.0)
+      # Only the rows the teacher scored: an unscored row's teacher fields are zeros (hidden
+      # state 0 = uniform logits; top-k ids 0 = the pad), never a target. Selected, not
+      # multiplied, so such a row gets exactly 0 in value and gradient.
+      on = m > 0
+      if batch.teacher_rows is not None:
+        on = on & (batch.teacher_rows[:, None] > 0)
+      gkd = jnp.where(on, out['gkd'], 0.0)
       per_token = per_token + spec.full_vocab_coef * gkd
-      stats['loss/full_vocab'] = mean(jax.lax.stop_gradient(gkd))
+      stats['loss/full_vocab'] = Mean(jnp.sum(jax.lax.stop_gradient(gkd)),
+                                      jnp.sum(on.astype(jnp.float32)))
   total, _ = losses.aggregate(per_token, lmask, spec.aggregation)
   return total, stats
 

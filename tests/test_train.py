@@ -312,6 +312,20 @@ def test_truncated_sampling_trains_on_policy(tmp_path):
   assert h['is/clip_frac'][0][1] == 0.0 and h['grad_norm'][0][1] > 0
 
 
+@pytest.mark.parametrize('option', ['reverse_kl_exact', 'forward_kl'])
+def test_full_vocab_teacher_that_scores_no_row_of_a_batch(tmp_path, option):
+  # The review's repro: opd_mixed_grpo's math rows with the teacher restricted to 'general'
+  # crashed at step 1 (TypeError: 'NoneType' object is not subscriptable). A batch without
+  # a scored row adds exactly 0 for the divergence.
+  config = with_overrides(load_config('opd_mixed_grpo', 'runlocal'), total_steps=2,
+                          teachers__teacher__tags=['general'], loss__full_vocab=option,
+                          eval__num_prompts=0, export__hf_dir='')
+  result = run(config, str(tmp_path))
+  assert result['step'] == 2
+  assert [v for _, v in result['history']['loss/full_vocab']] == [0.0, 0.0]
+  assert 'reward/mean' in result['history']
+
+
 def test_pure_rl_without_a_teacher(tmp_path):
   config = with_overrides(load_config('opd_mixed_grpo', 'runlocal'), total_steps=1,
                           rl__use_opd=False, eval__num_prompts=0, export__hf_dir='')
