@@ -125,7 +125,8 @@ class Loop:
     settings = evaluation.EvalSettings(
         batch_size=c.eval.batch_size, stop_ids=r.stop_ids,
         max_new_tokens=c.eval.max_new_tokens or c.rollout.max_new_tokens,
-        temperature=c.rollout.temperature, pass_k_temperature=c.eval.temperature,
+        temperature=c.rollout.temperature, top_k=int(c.rollout.top_k),
+        top_p=float(c.rollout.top_p), pass_k_temperature=c.eval.temperature,
         pass_k=tuple(c.eval.pass_k), reverse_kl=c.eval.reverse_kl,
         num_text_samples=c.eval.num_text_samples)
     records = self.local(d.eval_records) if jax.process_count() > 1 else d.eval_records
