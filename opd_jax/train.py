@@ -428,7 +428,8 @@ def apply_update(loop: Loop, state, batch: UpdateBatch, step: int):
                                                 remat=bool(loop.config.student.remat)))
   if r.teacher_unembed is not None:  # the exact / student-top-k pass over the vocabulary
     loop.flops.add('update', compute.streamed_loss_flops(
-        r.student_cfg, r.teachers[0].cfg, seq_lens, loop.config.loss.full_vocab))
+        r.student_cfg, r.teachers[0].cfg, seq_lens, loop.config.loss.full_vocab,
+        truncated=bool(r.loss.top_k) or r.loss.top_p < 1.0))
   metrics.update(loop.flops.metrics())
   return state, metrics
 

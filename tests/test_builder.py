@@ -88,6 +88,17 @@ def test_full_vocab_option_checks_name_the_field():
     check('opd_single_teacher', loss__full_vocab='reverse_kl_student_topk',
           loss__full_vocab_top_k=0)
   check('opd_single_teacher', loss__full_vocab='reverse_kl_exact', loss__full_vocab_top_k=0)
+  # under rollout truncation the student is the truncated policy: KL(teacher || it) is
+  # infinite, so the forward KL (and JSD at beta = 0, its limit) are refused, naming the field
+  for option, beta in (('forward_kl', 0.5), ('forward_kl_exact', 0.5), ('jsd', 0.0),
+                       ('jsd_exact', 0.0)):
+    for trunc in (dict(rollout__top_k=5), dict(rollout__top_p=0.9)):
+      with pytest.raises(ConfigError, match=rf"config.loss.full_vocab='{option}'.*infinite"):
+        check('opd_single_teacher', loss__full_vocab=option, loss__jsd_beta=beta, **trunc)
+    check('opd_single_teacher', loss__full_vocab=option, loss__jsd_beta=beta)
+  for option in ('reverse_kl', 'jsd', 'reverse_kl_exact', 'jsd_exact',
+                 'reverse_kl_student_topk'):
+    check('opd_single_teacher', loss__full_vocab=option, rollout__top_k=5, rollout__top_p=0.9)
 
 
 def test_aot_and_trainer_compile_the_same_exact_full_vocab_update():

@@ -63,6 +63,22 @@ def test_truncate_matches_numpy(top_k, top_p):
   np.testing.assert_allclose(np.exp(logp).sum(-1), 1.0, rtol=1e-6)
 
 
+@pytest.mark.parametrize('top_k, top_p', GRID + [(1, 1.0), (0, 0.05)])
+def test_keep_threshold_reproduces_the_kept_set(top_k, top_p):
+  """x >= keep_threshold(x) is the documented kept set, on the logits and on their
+  log-softmax (the update's units), and on the values recomputed with rounding noise far
+  below the gap between the last kept and the first removed entry."""
+  rng = np.random.RandomState(7 + top_k + int(100 * top_p))
+  x = (rng.randn(6, 37) * 2).astype(np.float32)
+  for vals in (x, np.asarray(jax.nn.log_softmax(jnp.asarray(x)))):
+    cut = np.asarray(policy_lib.keep_threshold(jnp.asarray(vals), top_k, top_p))
+    for row, c, orig in zip(vals, cut, x):
+      keep = np_keep(orig, top_k, top_p)
+      np.testing.assert_array_equal(row >= c, keep)
+      np.testing.assert_array_equal(row * (1 + 1e-6) + 1e-6 >= c + 1e-6, keep)
+      assert np.isneginf(c) == keep.all()
+
+
 def test_policy_rejects_greedy_and_bad_truncation():
   with pytest.raises(ValueError, match='temperature must be > 0'):
     policy_lib.Policy(temperature=0.0)

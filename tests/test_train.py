@@ -301,12 +301,17 @@ def test_no_held_out_data_skips_evaluation(tmp_path):
   assert not any(k.startswith('eval/') for k in result['history'])
 
 
-def test_truncated_sampling_trains_on_policy(tmp_path):
+@pytest.mark.parametrize('full_vocab', [None, 'jsd_exact', 'reverse_kl'])
+def test_truncated_sampling_trains_on_policy(tmp_path, full_vocab):
   # The review's command: top-k 5 with PPO clipping gave ratio 0.068, clip 1.0, grad 0.0.
+  # With a full_vocab term, that term is of the same truncated policy (finite, logged).
   config = with_overrides(load_config('opd_single_teacher', 'runlocal'), total_steps=1,
                           rollout__top_k=5, rollout__top_p=0.7, rollout__temperature=0.7,
-                          loss__clip_eps=0.2, eval__num_prompts=0, export__hf_dir='')
+                          loss__clip_eps=0.2, eval__num_prompts=0, export__hf_dir='',
+                          loss__full_vocab=full_vocab)
   h = run(config, str(tmp_path))['history']
+  if full_vocab:
+    assert 0 < h['loss/full_vocab'][0][1] < 1e3
   for key in ('is/ratio_mean', 'is/ratio_min', 'is/ratio_max'):
     assert h[key][0][1] == pytest.approx(1.0, abs=1e-5), key
   assert h['is/clip_frac'][0][1] == 0.0 and h['grad_norm'][0][1] > 0
