@@ -90,6 +90,9 @@ def update_batch_spec(config, mesh, rows: int, seq: int, *, teacher_unembed=None
     return UpdateBatch(*ints)
   batch = UpdateBatch(*ints, behaviour_logprobs=sds((rows, seq), jnp.float32),
                       advantages=sds((rows, seq), jnp.float32))
+  if config.loss.full_vocab:  # the rows the teacher scored
+    batch = dataclasses.replace(batch, teacher_rows=sds((rows,), jnp.float32,
+                                                        shd.batch_sharding(mesh, 1)))
   if losses.needs_teacher_hidden(config.loss.full_vocab):
     if teacher_unembed is None:
       spec = teacher_specs(config)[0]
@@ -193,6 +196,20 @@ def make_teacher(spec: TeacherSpec, *, student_mesh, student_tokenizer=None, top
         teacher_name=f'teacher {spec.name!r} ({spec.model})')
   return LocalTeacher(spec, student_mesh=student_mesh, top_k=top_k, temperature=temperature,
                       micro_batches=micro_batches, with_hidden=with_hidden)
+
+
+def check_reference_tokenizer(config, student_tokenizer) -> None:
+  """A G-OPD `gopd.reference` checkpoint scores the student's token ids like a teacher, so
+  its tokenizer must map the same strings to the same ids (data.check_tokenizers_match);
+  raises VocabMismatchError naming config.gopd.reference. No-op for 'student_init'."""
+  ref = config.gopd.reference
+  if not config.gopd.enabled or ref == 'student_init':
+    return
+  import transformers
+  from opd_jax import data as data_lib
+  data_lib.check_tokenizers_match(
+      student_tokenizer, transformers.AutoTokenizer.from_pretrained(tiny.resolve_model(ref)),
+      teacher_name=f'config.gopd.reference ({ref})')
 
 
 # ---------------------------------------------------------------------------------- run
@@ -323,6 +340,8 @@ def build_run(config, mesh, *, tokenizer=None, abstract: bool = False, devices=N
   shardings, architectures from config.json or presets), for `opd_jax.aot`; `devices`: the
   devices teacher slices are taken from (the AOT target's)."""
   validate(config, mesh)
+  if tokenizer is not None and not abstract:
+    check_reference_tokenizer(config, tokenizer)  # before any weights load
   notes: list[str] = []
   micro = int(config.batch.micro_batches)
   # The teacher returns its top-k for the top-k options; for the exact / student-top-k ones
@@ -433,6 +452,7 @@ def build_run(config, mesh, *, tokenizer=None, abstract: bool = False, devices=N
 
 
 __all__ = ['RESUMABLE_FIELDS', 'ConfigError', 'ModelSource', 'Run', 'abstract_model', 'batch_rows', 'build_run',
-           'check_model_paths', 'check_resume', 'check_signal', 'loss_spec', 'model_source',
-           'make_teacher', 'rollout_layout', 'rollout_params', 'stop_ids', 'teacher_specs', 'update_batch_spec',
+           'check_model_paths', 'check_reference_tokenizer', 'check_resume', 'check_signal',
+           'loss_spec', 'model_source', 'make_teacher', 'rollout_layout', 'rollout_params',
+           'stop_ids', 'teacher_specs', 'update_batch_spec',
            'validate']

@@ -68,6 +68,16 @@ def validate(config, mesh=None) -> None:
   if ro.top_k < 0 or not 0.0 < ro.top_p <= 1.0:
     raise ConfigError(f'config.rollout.top_k={ro.top_k} / top_p={ro.top_p}: top_k must be >= 0 '
                       '(0 = off) and top_p in (0, 1] (1 = off)')
+  if (config.mode == 'opd' and config.loss.full_vocab and (ro.top_k or ro.top_p < 1.0)
+      and losses.refuses_truncation(config.loss.full_vocab, config.loss.jsd_beta)):
+    raise ConfigError(
+        f'config.loss.full_vocab={config.loss.full_vocab!r}'
+        + (f' with config.loss.jsd_beta={config.loss.jsd_beta} (the forward KL)'
+           if 'jsd' in config.loss.full_vocab else '')
+        + f': under config.rollout.top_k={ro.top_k} / top_p={ro.top_p} the student is the '
+        'truncated policy, which puts 0 mass outside its kept set, so KL(teacher || student) '
+        'is infinite wherever the teacher does not. Use reverse_kl / jsd (0 < jsd_beta) or '
+        'their _exact forms, or turn truncation off (docs/design.md §3.2)')
   if config.loss.kl_estimator != 'k1':
     raise ConfigError(
         f'config.loss.kl_estimator={config.loss.kl_estimator!r}: only k1 (s_b - t) is offered '

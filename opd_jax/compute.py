@@ -184,7 +184,8 @@ STREAMED_PASSES = {'forward_kl_exact': 1, 'reverse_kl_exact': 1, 'jsd_exact': 2,
                    'reverse_kl_student_topk': 1}
 
 
-def streamed_loss_flops(student_cfg, teacher_cfg, seq_lens, option) -> int:
+def streamed_loss_flops(student_cfg, teacher_cfg, seq_lens, option,
+                        truncated: bool = False) -> int:
   """Useful FLOPs that an exact / student-top-k `loss.full_vocab` option adds to the update
   on sequences [B] (real tokens per row); 0 for the other options (None, top-k).
 
@@ -194,7 +195,9 @@ def streamed_loss_flops(student_cfg, teacher_cfg, seq_lens, option) -> int:
   (hidden states and output projection, 2 D V each); the teacher gets no gradient. So a
   pass is 4 x the student's unembedding + 2 x the teacher's. Not counted, as elsewhere: the
   exponentials, sums and top-k. This is in addition to `update_flops`, whose unembedding
-  term is the pass that computes the sampled tokens' logprobs.
+  term is the pass that computes the sampled tokens' logprobs. With `truncated` (rollout
+  top-k / top-p) a forward-only pass first finds the student's untruncated normaliser: one
+  more student unembedding per position.
   """
   passes = STREAMED_PASSES.get(option, 0)
   if not passes:
@@ -205,7 +208,8 @@ def streamed_loss_flops(student_cfg, teacher_cfg, seq_lens, option) -> int:
   positions = int(np.maximum(_ints(seq_lens) - 1, 0).sum())
   per_position = 4 * unembed_position_flops(student_cfg) + 2 * unembed_position_flops(
       teacher_cfg)
-  return passes * positions * per_position
+  extra = unembed_position_flops(student_cfg) if truncated else 0
+  return positions * (passes * per_position + extra)
 
 
 # ------------------------------------------------------------------------- executed FLOPs

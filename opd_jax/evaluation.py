@@ -39,6 +39,8 @@ class EvalSettings:
   max_new_tokens: int = 256
   stop_ids: tuple[int, ...] = ()
   temperature: float = 1.0          # for pass@k and reverse-KL samples (greedy for accuracy)
+  top_k: int = 0                    # reverse-KL samples: the rollout's truncation, so that the
+  top_p: float = 1.0                # KL is that of the policy being trained (design §3.2)
   pass_k_temperature: float | None = None  # pass@k samples only (None: temperature)
   pass_k: tuple[int, ...] = ()      # e.g. (1, 4): n = max(k) samples per prompt
   reverse_kl: bool = True
@@ -129,7 +131,8 @@ def evaluate(*, step: int, key, student_params, sampler, encoder, tokenizer,
 
   if settings.reverse_kl and teachers and kl_fn is not None:
     sp = SamplingParams(max_new_tokens=settings.max_new_tokens,
-                        temperature=settings.temperature, stop_ids=settings.stop_ids)
+                        temperature=settings.temperature, top_k=settings.top_k,
+                        top_p=settings.top_p, stop_ids=settings.stop_ids)
     sums = defaultdict(float)
     counts = defaultdict(float)
     for idx in _chunks(list(range(len(records))), settings.batch_size):

@@ -334,8 +334,13 @@ def _log1mexp(x):
 def with_tail(topk_logp_xK):
   """Appends a tail bucket log(1 − Σ_k exp(logp_k)) (floored at 1e-12 mass): [..., K] ->
   [..., K+1] log-probabilities of a proper distribution, so that mass outside the top-k
-  is not free."""
-  log_mass = jax.nn.logsumexp(topk_logp_xK, axis=-1, keepdims=True)
+  is not free. Entries may be −inf, even all of them (a truncated student policy with
+  none of its kept tokens among the teacher's top-k: the tail then holds all its mass)."""
+  # logsumexp of an all −inf row has a NaN gradient, which would leak through the where()
+  # that masks the position: such rows get 0 inside and −inf outside, with no gradient.
+  dead = jnp.all(jnp.isneginf(topk_logp_xK), axis=-1, keepdims=True)
+  log_mass = jax.nn.logsumexp(jnp.where(dead, 0., topk_logp_xK), axis=-1, keepdims=True)
+  log_mass = jnp.where(dead, -jnp.inf, log_mass)
   tail = _log1mexp(jnp.minimum(log_mass, _MAX_TOPK_LOG_MASS))
   return jnp.concatenate([topk_logp_xK, tail.astype(topk_logp_xK.dtype)], axis=-1)
 
@@ -398,16 +403,33 @@ def streamed_chunk_sizes(batch: int, length: int, vocab: int, chunk_size=None,
   return int(min(c, max(1, length))), vc
 
 
+def _finite_max(m):
+  """A running max to subtract: 0 while it is still −inf (every entry so far masked, as
+  a vocabulary chunk wholly outside a truncated policy's kept set), so that exp(−inf − m)
+  is 0 rather than exp(NaN)."""
+  return jnp.where(jnp.isneginf(m), 0., m)
+
+
 def _online_lse(m, s, z):
   """One step of a streamed logsumexp: running max m (no gradient: the result does not
-  depend on it) and sum s of exp(z − m); z [..., Vc] may hold −inf."""
+  depend on it) and sum s of exp(z − m); z [..., Vc] may hold −inf, even everywhere."""
   m_new = jnp.maximum(m, _sg(jnp.max(z, axis=-1)))
-  return m_new, s * jnp.exp(m - m_new) + jnp.sum(jnp.exp(z - m_new[..., None]), axis=-1)
+  safe = _finite_max(m_new)
+  return m_new, s * jnp.exp(m - safe) + jnp.sum(jnp.exp(z - safe[..., None]), axis=-1)
+
+
+def refuses_truncation(option, beta: float = 0.5) -> bool:
+  """True for the `loss.full_vocab` options that weight by the teacher, KL(p_t ‖ ·) (the
+  forward KLs, and JSD at β = 0, defined as the forward KL): against a truncated student
+  policy they are infinite wherever the teacher has mass outside the kept set."""
+  name = EXACT_OPTIONS.get(option, option)
+  return name == 'forward_kl' or (name == 'jsd' and float(beta) == 0.)
 
 
 def streamed_divergence(option, student_h_BxTxD, student_w_VxD, teacher_h_BxTxD,
                         teacher_w_VxD, *, temperature: float = 1.0, beta: float = 0.5,
-                        top_k: int = 20, chunk_size=None, vocab_chunk=None):
+                        top_k: int = 20, chunk_size=None, vocab_chunk=None,
+                        keep_min_BxT=None):
   """A `loss.full_vocab` divergence per position from hidden states, never forming [B, T, V].
 
   student_h_BxTxD, student_w_VxD: the student's final hidden states and output projection
@@ -416,15 +438,27 @@ def streamed_divergence(option, student_h_BxTxD, student_w_VxD, teacher_h_BxTxD,
   option: a key of EXACT_OPTIONS (KL(p_t ‖ p_s), KL(p_s ‖ p_t) or JSD(β) over all V) or of
     STUDENT_TOPK_OPTIONS (reverse KL on the student's top_k tokens plus a tail bucket each
     side, the teacher's logprobs at those tokens).
-  Returns [B, T] nats, equal to full_vocab_loss / topk_loss on the full log-softmaxes.
+  keep_min_BxT: None (the student is its untruncated tempered softmax), or the student
+    policy's top-k / top-p truncation (docs/design.md §3.2) as a cut per position on its
+    untruncated tempered log-softmax (policy.keep_threshold): entries below it are outside
+    the policy's support. The student side is then the truncated, renormalised policy π;
+    the teacher's stays untruncated. Refused for the forward KL (refuses_truncation).
+  Returns [B, T] nats, equal to full_vocab_loss / topk_loss on the full log-softmaxes
+  (the student's truncated and renormalised when keep_min_BxT is given).
 
   Positions run in chunks of C (a `lax.scan`), and within a chunk the vocabulary in chunks
   of Vc (a nested `lax.scan` whose body is under `jax.checkpoint`), with streamed
   logsumexps and sums: the largest live array is one [B, C, Vc] block per model, in the
   forward pass and in the backward pass, which recomputes each block's logits. The KLs and
   the student top-k take one pass over the vocabulary; JSD takes two (the log-normalisers
-  first, since log m needs normalised probabilities).
+  first, since log m needs normalised probabilities). Under truncation a first, forward-only
+  pass over the vocabulary finds the student's untruncated log-normaliser, which turns the
+  cut into one on the chunk's logits.
   """
+  truncated = keep_min_BxT is not None
+  if truncated and refuses_truncation(option, beta):
+    raise ValueError(f'streamed_divergence: {option!r} (beta={beta}) weights by the teacher '
+                     'and is infinite against a truncated student policy (keep_min_BxT)')
   if option in EXACT_OPTIONS:
     kind = EXACT_OPTIONS[option]
   elif option in STUDENT_TOPK_OPTIONS:
@@ -448,19 +482,37 @@ def streamed_divergence(option, student_h_BxTxD, student_w_VxD, teacher_h_BxTxD,
     z = jnp.einsum('bcd,vd->bcv', h, w, preferred_element_type=jnp.float32)
     return z * inv_t if inv_t != 1.0 else z
 
+  steps = jnp.arange(nv)
+
+  def dup_mask(i):
+    # Chunk i covers entries [i·Vc, (i + 1)·Vc); the last one starts at V − Vc instead
+    # (slices of the weights as they are: no padded copy) and masks the entries its
+    # predecessor covered. The mask is additive on a [Vc] vector: a [B, C, Vc] boolean
+    # built from i alone would be saved for the backward pass at every step.
+    start = jnp.minimum(i * vc, vocab - vc)
+    return start, jnp.where(start + jnp.arange(vc) < i * vc, -jnp.inf, 0.)
+
   def position_chunk(_, hs):
-    h_s, h_t = hs
+    h_s, h_t, keep_min = hs
+    zeros = jnp.zeros((b, c), jnp.float32)
+    cut = None
+    if truncated:  # the cut on the logits: keep_min + the untruncated log-normaliser
+      def lse_pass(carry, i):  # forward only: the cut carries no gradient
+        start, dup = dup_mask(i)
+        z = logits(_sg(h_s), jax.lax.dynamic_slice_in_dim(_sg(ws), start, vc)) + dup
+        return _online_lse(*carry, z), None
+      (m0, s0), _ = jax.lax.scan(lse_pass, (zeros - jnp.inf, zeros), steps)
+      # Never above the largest logit, so that the most likely entry is always kept.
+      cut = jnp.minimum(keep_min + m0 + jnp.log(s0), m0)
 
     def block(i):  # the chunk's logits on vocabulary chunk i, and with −inf where masked
-      # Chunk i covers entries [i·Vc, (i + 1)·Vc); the last one starts at V − Vc instead
-      # (slices of the weights as they are: no padded copy) and masks the entries its
-      # predecessor covered. The mask is additive on a [Vc] vector: a [B, C, Vc] boolean
-      # built from i alone would be saved for the backward pass at every step.
-      start = jnp.minimum(i * vc, vocab - vc)
-      dup = jnp.where(start + jnp.arange(vc) < i * vc, -jnp.inf, 0.)
+      start, dup = dup_mask(i)
       zs = logits(h_s, jax.lax.dynamic_slice_in_dim(ws, start, vc))
       zt = logits(h_t, jax.lax.dynamic_slice_in_dim(wt, start, vc))
-      return zs, zt, zs + dup, zt + dup
+      zs_m = zs + dup
+      if truncated:  # outside the student policy's support: −inf on the student side only
+        zs_m = jnp.where(_sg(zs) >= cut[..., None], zs_m, -jnp.inf)
+      return zs, zt, zs_m, zt + dup
 
     def first_pass(carry, i):
       zs, zt, zs_m, zt_m = block(i)
@@ -473,6 +525,7 @@ def streamed_divergence(option, student_h_BxTxD, student_w_VxD, teacher_h_BxTxD,
                                     if kind == 'reverse_kl' else
                                     (zt_m, zt, zs, carry['mt'], new['mt']))
         # exp(−inf) = 0 on masked entries, times a finite difference
+        mp = _finite_max(mp)
         term = jnp.exp(zp_m - mp[..., None]) * (zp - zq)
         new['a'] = carry['a'] * jnp.exp(mp_old - mp) + jnp.sum(term, axis=-1)
       elif kind == 'student_topk':
@@ -483,13 +536,11 @@ def streamed_divergence(option, student_h_BxTxD, student_w_VxD, teacher_h_BxTxD,
         new['top_t'] = jnp.take_along_axis(top_t, sel, -1)
       return new, None
 
-    zeros = jnp.zeros((b, c), jnp.float32)
     carry = {'ms': zeros - jnp.inf, 'ss': zeros, 'mt': zeros - jnp.inf, 'st': zeros}
     if kind in ('reverse_kl', 'forward_kl'):
       carry['a'] = zeros
     if kind == 'student_topk':
       carry['top_s'] = carry['top_t'] = jnp.full((b, c, k), -jnp.inf, jnp.float32)
-    steps = jnp.arange(nv)
     out, _ = jax.lax.scan(jax.checkpoint(first_pass), carry, steps)
     lse_s = out['ms'] + jnp.log(out['ss'])
     lse_t = out['mt'] + jnp.log(out['st'])
@@ -510,9 +561,15 @@ def streamed_divergence(option, student_h_BxTxD, student_w_VxD, teacher_h_BxTxD,
 
   n = -(-t // c)
 
-  def to_chunks(x):  # [B, T, D] -> [W, B, C, D]
-    x = jnp.pad(x, ((0, 0), (0, n * c - t), (0, 0)))
+  def to_chunks(x, fill=0.):  # [B, T, ...] -> [W, B, C, ...]
+    x = jnp.pad(x, ((0, 0), (0, n * c - t)) + ((0, 0),) * (x.ndim - 2), constant_values=fill)
     return jnp.moveaxis(x.reshape((b, n, c) + x.shape[2:]), 1, 0)
+  if truncated:
+    _expect_shape('keep_min_BxT', keep_min_BxT, (b, t))
+    # padded positions keep everything (a cut above their uniform logits would empty them)
+    keep = to_chunks(_sg(keep_min_BxT).astype(jnp.float32), -jnp.inf)
+  else:
+    keep = jnp.zeros((n, 0))  # unused
   _, out = jax.lax.scan(position_chunk, None, (to_chunks(student_h_BxTxD),
-                                               to_chunks(_sg(teacher_h_BxTxD))))
+                                               to_chunks(_sg(teacher_h_BxTxD)), keep))
   return jnp.moveaxis(out, 0, 1).reshape(b, n * c)[:, :t]

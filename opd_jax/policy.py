@@ -65,6 +65,23 @@ def truncate(x_xV, top_k: int = 0, top_p: float = 1.0):
   return x_xV
 
 
+def keep_threshold(x_xV, top_k: int = 0, top_p: float = 1.0, kept_xV=None):
+  """Per position [...], the kept set of `truncate` as a cut on the same values: halfway
+  between the smallest kept and the largest removed entry (−inf when nothing is removed),
+  without gradient. `x ≥ cut` then reproduces the kept set from values recomputed
+  elsewhere (e.g. vocabulary chunk by chunk, losses.streamed_divergence) to within their
+  rounding, which a cut at the kept value itself would not. x may be tempered logits or
+  their log-softmax; the cut is in the units given. Where entries exactly tied with the
+  last kept one are removed by top-p's order (measure zero), `x ≥ cut` keeps them too.
+  kept_xV: the kept mask when already known (e.g. isfinite of the truncated values).
+  """
+  xs = jax.lax.stop_gradient(x_xV)
+  kept = jnp.isfinite(truncate(xs, top_k, top_p)) if kept_xV is None else kept_xV
+  lo = jnp.min(jnp.where(kept, xs, jnp.inf), axis=-1)
+  hi = jnp.max(jnp.where(kept, -jnp.inf, xs), axis=-1)
+  return jnp.where(jnp.isneginf(hi), -jnp.inf, lo + 0.5 * (hi - lo))
+
+
 def log_policy(logits_xV, policy: Policy):
   """log π [..., V] (float32) of the tempered, truncated policy; −inf off its support."""
   x = logits_xV.astype(jnp.float32)

@@ -125,7 +125,8 @@ class Loop:
     settings = evaluation.EvalSettings(
         batch_size=c.eval.batch_size, stop_ids=r.stop_ids,
         max_new_tokens=c.eval.max_new_tokens or c.rollout.max_new_tokens,
-        temperature=c.rollout.temperature, pass_k_temperature=c.eval.temperature,
+        temperature=c.rollout.temperature, top_k=int(c.rollout.top_k),
+        top_p=float(c.rollout.top_p), pass_k_temperature=c.eval.temperature,
         pass_k=tuple(c.eval.pass_k), reverse_kl=c.eval.reverse_kl,
         num_text_samples=c.eval.num_text_samples)
     records = self.local(d.eval_records) if jax.process_count() > 1 else d.eval_records
@@ -359,13 +360,9 @@ def opd_batch(loop: Loop, state, key) -> tuple[UpdateBatch, dict]:
       s_b, t_JxBxT, ref, r.coef_J, jnp.asarray(route), lmask, outcome, mode=r.adv_mode,
       clamp=c.loss.kl_clamp, reward_scale=c.gopd.reward_scale)
   batch = UpdateBatch(tokens, attn, lmask, behaviour_logprobs=s_b, advantages=adv)
-  if c.loss.full_vocab and r.teacher_unembed is not None:  # exact / student-top-k options
-    batch = dataclasses.replace(batch, teacher_hidden=extras[r.teachers[0].name]['hidden'],
-                                teacher_unembed=r.teacher_unembed)
-  elif c.loss.full_vocab:
-    ex = extras[r.teachers[0].name]
-    batch = dataclasses.replace(batch, teacher_top_ids=ex['top_ids'],
-                                teacher_top_logprobs=ex['top_logprobs'])
+  if c.loss.full_vocab:
+    batch = dataclasses.replace(batch, **full_vocab_fields(
+        r, extras[r.teachers[0].name], route[:, 0], tokens.shape))
   names = [t.name for t in r.teachers]
   metrics.update(steps.kl_metrics(shd.to_host(kl_sum), shd.to_host(kl_cnt), tags, names))
   if r.teachers:
@@ -377,6 +374,33 @@ def opd_batch(loop: Loop, state, key) -> tuple[UpdateBatch, dict]:
   metrics['rollout/response_len'] = gen_tokens / len(records)
   metrics['perf/tokens_per_s/rollout'] = gen_tokens / max(t_rollout, 1e-9)
   return batch, metrics
+
+
+def full_vocab_fields(r, ex, route_B, shape) -> dict:
+  """The UpdateBatch fields of the `loss.full_vocab` term: the teacher's hidden states
+  (exact / student-top-k options) or top-k, and `teacher_rows`, its route. A batch with no
+  routed row (`ex` None: the teacher scored nothing) gets zeros of the same shapes, which
+  the update selects away on every row."""
+  b, t = shape
+  rows_sh = shd.batch_sharding(r.mesh, 1)
+  out = {'teacher_rows': jax.make_array_from_callback(
+      (b,), rows_sh, lambda idx: np.asarray(route_B > 0, np.float32)[idx])}
+  if r.teacher_unembed is not None:  # exact / student-top-k options
+    w = r.teacher_unembed
+    hidden = ex['hidden'] if ex is not None else _zeros(
+        (b, t, w.shape[1]), w.dtype, shd.batch_sharding(r.mesh, 3))
+    out.update(teacher_hidden=hidden, teacher_unembed=w)
+  elif ex is not None:
+    out.update(teacher_top_ids=ex['top_ids'], teacher_top_logprobs=ex['top_logprobs'])
+  else:
+    k, sh = int(r.config.loss.full_vocab_top_k), shd.batch_sharding(r.mesh, 3)
+    out.update(teacher_top_ids=_zeros((b, t, k), jnp.int32, sh),
+               teacher_top_logprobs=_zeros((b, t, k), jnp.float32, sh))
+  return out
+
+
+def _zeros(shape, dtype, sharding):
+  return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)()
 
 
 def apply_update(loop: Loop, state, batch: UpdateBatch, step: int):
@@ -406,7 +430,8 @@ def apply_update(loop: Loop, state, batch: UpdateBatch, step: int):
                                                 remat=bool(loop.config.student.remat)))
   if r.teacher_unembed is not None:  # the exact / student-top-k pass over the vocabulary
     loop.flops.add('update', compute.streamed_loss_flops(
-        r.student_cfg, r.teachers[0].cfg, seq_lens, loop.config.loss.full_vocab))
+        r.student_cfg, r.teachers[0].cfg, seq_lens, loop.config.loss.full_vocab,
+        truncated=bool(r.loss.top_k) or r.loss.top_p < 1.0))
   metrics.update(loop.flops.metrics())
   return state, metrics
 

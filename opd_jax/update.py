@@ -77,6 +77,15 @@ class LossSpec:
   remat: bool = True
   compute_dtype: str = 'float32'
 
+  def __post_init__(self):
+    if (self.kind == 'pg' and (self.top_k or self.top_p < 1.0) and self.full_vocab
+        and losses.refuses_truncation(self.full_vocab, self.jsd_beta)):
+      raise ValueError(
+          f'LossSpec: full_vocab={self.full_vocab!r} (jsd_beta={self.jsd_beta}) weights by '
+          f'the teacher and is infinite against the truncated policy (top_k={self.top_k}, '
+          f'top_p={self.top_p}); use a reverse KL or a JSD with 0 < beta (docs/design.md '
+          '§3.2)')
+
 
 # ------------------------------------------------------------------------- the batch
 @jax.tree_util.register_dataclass
@@ -102,6 +111,10 @@ class UpdateBatch:
   # trainer's mini-batches never split it (`rows`).
   teacher_hidden: Any = None
   teacher_unembed: Any = None
+  # [B] float, 1 on the rows the `loss.full_vocab` teacher scored (its route): the divergence
+  # applies to those rows only, since the teacher's fields hold zeros on the others. None:
+  # every row was scored.
+  teacher_rows: Any = None
 
   def rows(self, lo: int, hi: int) -> 'UpdateBatch':
     """Rows [lo, hi) of every per-row field."""
@@ -209,15 +222,19 @@ def _position_terms(logp_BxCxV, ex, *, spec: LossSpec):
   """Per position: logprob of the next token under the policy, the policy's entropy, and the
   optional top-k GKD loss. `logp` is the tempered, untruncated log-softmax; with top-k /
   top-p the policy renormalises over the kept set exactly as the sampler does
-  (docs/design.md §3.2), while the GKD term compares the untruncated distributions (a
-  truncated student would put −inf on teacher tokens outside its set)."""
+  (docs/design.md §3.2), and every `full_vocab` term compares that same policy π with the
+  untruncated teacher (the forward KL, infinite then, is refused). For the streamed options
+  `keep_min` passes the kept set on as a cut on `logp` (policy.keep_threshold)."""
   logp_pi = logp_BxCxV
-  if spec.top_k or spec.top_p < 1.0:
+  truncated = bool(spec.top_k) or spec.top_p < 1.0
+  if truncated:
     logp_pi = jax.nn.log_softmax(policy_lib.truncate(logp_BxCxV, spec.top_k, spec.top_p), -1)
   out = {'logprobs': jnp.take_along_axis(logp_pi, ex['target'][..., None], -1)[..., 0],
          'entropy': jax.lax.stop_gradient(losses.entropy_from_logp(logp_pi))}
+  if truncated and losses.needs_teacher_hidden(spec.full_vocab):
+    out['keep_min'] = policy_lib.keep_threshold(logp_BxCxV, kept_xV=jnp.isfinite(logp_pi))
   if spec.full_vocab and not losses.needs_teacher_hidden(spec.full_vocab):
-    student_topk = losses.gather_topk(logp_BxCxV, ex['teacher_top_ids'])
+    student_topk = losses.gather_topk(logp_pi, ex['teacher_top_ids'])
     kw = {'beta': spec.jsd_beta} if spec.full_vocab == 'jsd' else {}
     out['gkd'] = losses.topk_loss(spec.full_vocab, student_topk, ex['teacher_top_logprobs'],
                                   **kw)
@@ -240,12 +257,13 @@ def _loss_terms(params, graphdef, batch: UpdateBatch, spec: LossSpec):
                          functools.partial(_position_terms, spec=spec), extras,
                          chunk_size=spec.chunk_size, temperature=spec.temperature,
                          remat=spec.remat)
+  keep_min = out.pop('keep_min', None)  # the truncated policy's kept set, for the stream
   if streamed:  # a second pass over the same hidden states, vocabulary chunk by chunk
     out['gkd'] = losses.streamed_divergence(
         spec.full_vocab, hidden[:, :-1], model.unembed_weight(), batch.teacher_hidden[:, 1:],
         batch.teacher_unembed, temperature=spec.temperature, beta=spec.jsd_beta,
         top_k=spec.full_vocab_top_k, chunk_size=spec.chunk_size,
-        vocab_chunk=spec.vocab_chunk_size)
+        vocab_chunk=spec.vocab_chunk_size, keep_min_BxT=keep_min)
   out = {k: jnp.pad(v, ((0, 0), (1, 0))) for k, v in out.items()}
   s = out['logprobs']
   m = lmask.astype(jnp.float32)
@@ -270,9 +288,16 @@ def _loss_terms(params, graphdef, batch: UpdateBatch, spec: LossSpec):
                   'is/ratio_min': Min(jnp.min(jnp.where(m > 0, ratio, jnp.inf))),
                   'is/clip_frac': mean(is_stats['clipped_BxT'])})
     if spec.full_vocab:
-      gkd = jnp.where(m > 0, out['gkd'], 0.0)
+      # Only the rows the teacher scored: an unscored row's teacher fields are zeros (hidden
+      # state 0 = uniform logits; top-k ids 0 = the pad), never a target. Selected, not
+      # multiplied, so such a row gets exactly 0 in value and gradient.
+      on = m > 0
+      if batch.teacher_rows is not None:
+        on = on & (batch.teacher_rows[:, None] > 0)
+      gkd = jnp.where(on, out['gkd'], 0.0)
       per_token = per_token + spec.full_vocab_coef * gkd
-      stats['loss/full_vocab'] = mean(jax.lax.stop_gradient(gkd))
+      stats['loss/full_vocab'] = Mean(jnp.sum(jax.lax.stop_gradient(gkd)),
+                                      jnp.sum(on.astype(jnp.float32)))
   total, _ = losses.aggregate(per_token, lmask, spec.aggregation)
   return total, stats
 

@@ -88,6 +88,17 @@ def test_full_vocab_option_checks_name_the_field():
     check('opd_single_teacher', loss__full_vocab='reverse_kl_student_topk',
           loss__full_vocab_top_k=0)
   check('opd_single_teacher', loss__full_vocab='reverse_kl_exact', loss__full_vocab_top_k=0)
+  # under rollout truncation the student is the truncated policy: KL(teacher || it) is
+  # infinite, so the forward KL (and JSD at beta = 0, its limit) are refused, naming the field
+  for option, beta in (('forward_kl', 0.5), ('forward_kl_exact', 0.5), ('jsd', 0.0),
+                       ('jsd_exact', 0.0)):
+    for trunc in (dict(rollout__top_k=5), dict(rollout__top_p=0.9)):
+      with pytest.raises(ConfigError, match=rf"config.loss.full_vocab='{option}'.*infinite"):
+        check('opd_single_teacher', loss__full_vocab=option, loss__jsd_beta=beta, **trunc)
+    check('opd_single_teacher', loss__full_vocab=option, loss__jsd_beta=beta)
+  for option in ('reverse_kl', 'jsd', 'reverse_kl_exact', 'jsd_exact',
+                 'reverse_kl_student_topk'):
+    check('opd_single_teacher', loss__full_vocab=option, rollout__top_k=5, rollout__top_p=0.9)
 
 
 def test_aot_and_trainer_compile_the_same_exact_full_vocab_update():
@@ -106,3 +117,20 @@ def test_aot_and_trainer_compile_the_same_exact_full_vocab_update():
   assert batch.teacher_unembed.sharding == real.teacher_unembed.sharding
   texts = [r.update_fn.lower(r.abstract_state(), batch).as_text() for r in (real, abstract)]
   assert texts[0] == texts[1]
+
+
+def test_a_gopd_reference_with_another_vocabulary_stops_before_any_weights_load(
+    tmp_path, monkeypatch):
+  """Like a teacher, the G-OPD reference scores the student's token ids, so its tokenizer
+  must match; the check runs before the student's (or any) weights load."""
+  from opd_jax.data import VocabMismatchError
+  from opd_jax.tiny import build_char_tokenizer, make_tiny_checkpoint
+  other = make_tiny_checkpoint(str(tmp_path / 'ref'), tokenizer=build_char_tokenizer(
+      chars='0123456789+-=#abcdefghijklmnopqrstuvwxyz \n'))
+  loaded = []
+  monkeypatch.setattr(builder, 'load_pretrained', lambda *a, **kw: loaded.append(a) or 1 / 0)
+  config = with_overrides(load_config('opd_single_teacher', 'runlocal'), gopd__enabled=True,
+                          gopd__reference=other)
+  with pytest.raises(VocabMismatchError, match=r'config\.gopd\.reference.*token id \d+'):
+    run(config, str(tmp_path / 'run'))
+  assert not loaded

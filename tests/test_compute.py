@@ -323,6 +323,9 @@ def test_streamed_full_vocab_flops():
   for option, passes in (('reverse_kl_exact', 1), ('forward_kl_exact', 1), ('jsd_exact', 2),
                          ('reverse_kl_student_topk', 1), ('reverse_kl', 0), (None, 0)):
     assert compute.streamed_loss_flops(CFG, teacher, lens, option) == passes * positions * per
+    if passes:  # under truncation, a forward-only student pass for the normaliser
+      assert compute.streamed_loss_flops(CFG, teacher, lens, option, truncated=True) == (
+          positions * (passes * per + 2 * VOCAB * CFG.hidden_size))
   with pytest.raises(ValueError, match='teacher vocabulary'):
     compute.streamed_loss_flops(CFG, dataclasses.replace(CFG, vocab_size=VOCAB + 1), lens,
                                 'jsd_exact')

@@ -631,3 +631,135 @@ def test_streamed_divergence_memory_is_bounded_at_a_real_vocabulary(option):
   peak = mem.temp_size_in_bytes + mem.output_size_in_bytes
   assert peak < 2**30, (option, peak / 2**20)       # measured 0.3-0.6 GiB
   assert peak < full_logits / 5
+
+
+# ---------------------------------- full-vocabulary terms against the truncated policy
+def np_truncated_log_softmax(x, top_k, top_p):
+  """log π of docs/design.md §3.2 in float64 over the last axis: tempered logits x, top-k
+  (ties kept), then the smallest prefix by descending probability whose mass reaches top_p;
+  −inf off the kept set."""
+  x = f64(x)
+  out = np.full(x.shape, -np.inf)
+  for idx in np.ndindex(x.shape[:-1]):
+    row = x[idx]
+    keep = np.ones(row.shape, bool)
+    if top_k and top_k < row.size:
+      keep &= row >= np.sort(row)[-top_k]
+    if top_p < 1.0:
+      order = np.argsort(-np.where(keep, row, -np.inf), kind='stable')
+      p = np.exp(np.where(keep, row, -np.inf)[order] - row[keep].max())
+      p /= p.sum()
+      kept_sorted = np.cumsum(p) - p < top_p
+      k2 = np.zeros_like(keep)
+      k2[order] = kept_sorted
+      keep &= k2
+    z = row[keep]
+    out[idx][keep] = z - z.max() - np.log(np.exp(z - z.max()).sum())
+  return out
+
+
+def np_kl_support(logp, logq):  # KL(p ‖ q), only over the entries where p > 0
+  logp, logq = f64(logp), f64(logq)
+  live = np.isfinite(logp)
+  return np.where(live, np.exp(logp) * (np.where(live, logp, 0.) - logq), 0.).sum(-1)
+
+
+def np_divergence_truncated(option, x_s, x_t, top_k, top_p, beta, k):
+  """`option` between the truncated student policy π and the untruncated teacher q."""
+  ls, lt = np_truncated_log_softmax(x_s, top_k, top_p), np_log_softmax(x_t)
+  name = {**L.EXACT_OPTIONS, **L.STUDENT_TOPK_OPTIONS}.get(option, option)
+  if option == 'reverse_kl_student_topk':
+    ids = np.argsort(-ls, axis=-1, kind='stable')[..., :k]
+
+    def tail(a):  # 0 mass (−inf) when the kept set lies inside the top k
+      with np.errstate(divide='ignore'):
+        return np.concatenate([a, np.log(np.maximum(1. - np.exp(a).sum(-1, keepdims=True),
+                                                    0.))], -1)
+    ls, lt = (tail(np.take_along_axis(a, ids, -1)) for a in (ls, lt))
+  if name == 'reverse_kl':
+    return np_kl_support(ls, lt)
+  log_m = np.log(beta * np.exp(lt) + (1 - beta) * np.exp(ls))
+  return beta * np_kl_support(lt, log_m) + (1 - beta) * np_kl_support(ls, log_m)
+
+
+TRUNCATIONS = [(5, 1.0), (0, 0.8), (8, 0.9)]
+
+
+@pytest.mark.parametrize('top_k, top_p', TRUNCATIONS)
+@pytest.mark.parametrize('option', ['reverse_kl_exact', 'jsd_exact', 'reverse_kl_student_topk'])
+def test_streamed_divergence_of_the_truncated_policy_matches_numpy(option, top_k, top_p):
+  """With the policy's kept set (as policy.keep_threshold's cut) the streamed divergences
+  are those of the truncated, renormalised student against the untruncated teacher, value
+  and gradient, with vocabulary chunks that split the kept set."""
+  from opd_jax import policy as policy_lib
+  h_s, w_s, h_t, w_t = _np_logits_setup(3)
+  temp, beta, k = 1.3, 0.3, 4
+  x_s, x_t = f64(h_s) @ f64(w_s).T / temp, f64(h_t) @ f64(w_t).T / temp
+  keep_min = policy_lib.keep_threshold(
+      jax.nn.log_softmax(jnp.asarray(x_s, jnp.float32)), top_k, top_p)
+  fn = functools.partial(L.streamed_divergence, option, temperature=temp, beta=beta, top_k=k,
+                         chunk_size=2, vocab_chunk=5, keep_min_BxT=keep_min)
+  got = jax.jit(fn)(h_s, w_s, h_t, w_t)
+  want = np_divergence_truncated(option, x_s, x_t, top_k, top_p, beta, k)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=2e-6)
+  untruncated = np_streamed_reference(option, x_s, x_t, beta, k)
+  assert np.abs(want - untruncated).max() > 1e-2  # the truncation matters here
+  g_h, g_w = jax.jit(jax.grad(lambda *a: jnp.sum(fn(*a)), argnums=(0, 1)))(h_s, w_s, h_t, w_t)
+  # ∂/∂x_s by central differences in float64, the kept set fixed (locally constant)
+  eps, g_x = 1e-5, np.zeros_like(x_s)
+  for idx in np.ndindex(x_s.shape):
+    up, dn = x_s.copy(), x_s.copy()
+    up[idx] += eps
+    dn[idx] -= eps
+    pos = idx[:2]
+    g_x[idx] = (np_divergence_truncated(option, up[pos], x_t[pos], top_k, top_p, beta, k)
+                - np_divergence_truncated(option, dn[pos], x_t[pos], top_k, top_p, beta, k)
+                ) / (2 * eps)
+  g_x /= temp
+  np.testing.assert_allclose(g_h, g_x @ f64(w_s), rtol=1e-4, atol=2e-6)
+  np.testing.assert_allclose(g_w, np.einsum('btv,btd->vd', g_x, f64(h_s)), rtol=1e-4, atol=2e-6)
+
+
+def test_forward_kl_is_refused_against_a_truncated_policy():
+  h_s, w_s, h_t, w_t = _np_logits_setup(0)
+  keep_min = jnp.full(h_s.shape[:2], -3.)
+  for option, beta in (('forward_kl_exact', 0.5), ('jsd_exact', 0.0)):
+    with pytest.raises(ValueError, match='infinite against a truncated student'):
+      L.streamed_divergence(option, h_s, w_s, h_t, w_t, beta=beta, keep_min_BxT=keep_min)
+  assert L.refuses_truncation('forward_kl') and L.refuses_truncation('jsd', 0.0)
+  assert not any(L.refuses_truncation(o) for o in ('reverse_kl', 'jsd', 'reverse_kl_exact',
+                                                   'jsd_exact', 'reverse_kl_student_topk'))
+
+
+@pytest.mark.parametrize('option', ['reverse_kl_exact', 'jsd_exact', 'reverse_kl_student_topk'])
+def test_streamed_divergence_of_a_truncated_policy_keeps_its_memory_bound(option):
+  """The truncated student (a cut per position, a forward-only normaliser pass, a −inf
+  where per block) stays within the untruncated bound at V = 151,936, B = 8, T = 1,024."""
+  b, t, v, d = 8, 1024, 151_936, 32
+  f = jax.jit(jax.value_and_grad(
+      lambda h, w, ht, wt, keep: jnp.sum(L.streamed_divergence(option, h, w, ht, wt,
+                                                               keep_min_BxT=keep)),
+      argnums=(0, 1)))
+  sds = [jax.ShapeDtypeStruct(s, jnp.float32)
+         for s in ((b, t, d), (v, d), (b, t, d), (v, d), (b, t))]
+  mem = f.lower(*sds).compile().memory_analysis()
+  peak = mem.temp_size_in_bytes + mem.output_size_in_bytes
+  assert peak < 2**30, (option, peak / 2**20)
+  assert peak < b * t * v * 4 / 5
+
+
+@pytest.mark.parametrize('name', ['reverse_kl', 'jsd'])
+def test_topk_loss_of_a_truncated_student_with_no_kept_token_among_the_teachers(name):
+  """A truncated student whose kept tokens are all outside the teacher's top-k: its K
+  entries are −inf and its tail holds all its mass; value and gradient are finite (the
+  logsumexp of an all −inf row used to make the gradient NaN)."""
+  teacher = jnp.log(jnp.asarray([[0.5, 0.3, 0.1]]))
+  student = jnp.asarray([[-jnp.inf, -jnp.inf, -jnp.inf]])
+  np.testing.assert_array_equal(L.with_tail(student), [[-np.inf, -np.inf, -np.inf, 0.]])
+  value, grad = jax.value_and_grad(lambda s: jnp.sum(L.topk_loss(name, s, teacher)))(student)
+  tail_t = np.log(0.1)
+  want = -tail_t if name == 'reverse_kl' else (
+      0.5 * 0.9 * np.log(2) + 0.5 * 0.1 * np.log(0.1 / (0.5 * 0.1 + 0.5))
+      + 0.5 * np.log(1. / (0.5 * 0.1 + 0.5)))
+  np.testing.assert_allclose(value, want, rtol=1e-5)
+  assert np.all(np.isfinite(grad))

@@ -60,3 +60,38 @@ def test_readme_documents_every_config_field():
         section and f'`{section}.' in documented and f'`{leaf}`' in documented):
       missing.append(name)
   assert not missing, f'README config reference lacks: {missing}'
+
+
+# Run as a new user without torch (requirements.txt does not install it): importing
+# transformers then logs 'PyTorch was not found. Models won't be available ...'.
+_NO_TORCH = ('import runpy, sys; sys.modules["torch"] = None; sys.argv = sys.argv[1:]; '
+             'runpy.run_module(sys.argv[0], run_name="__main__")')
+
+
+def test_a_runlocal_command_prints_no_pytorch_advice(tmp_path):
+  """transformers' 'PyTorch was not found' line is silenced (opd_jax never uses its
+  models); the check is that the line would appear here without the filter."""
+  probe = subprocess.run([sys.executable, '-c', 'import sys; sys.modules["torch"] = None; '
+                          'import transformers'], capture_output=True, text=True, cwd=ROOT)
+  assert 'PyTorch was not found' in probe.stderr + probe.stdout  # the setting reproduces it
+  out = subprocess.run(
+      [sys.executable, '-c', _NO_TORCH, 'opd_jax.train', '--config',
+       'configs/opd_single_teacher.py:runlocal', '--workdir', str(tmp_path / 'run'),
+       '--config.total_steps=1'], capture_output=True, text=True, cwd=ROOT)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert 'PyTorch was not found' not in out.stdout + out.stderr
+
+
+def test_the_pytorch_filter_lets_other_transformers_messages_through():
+  import logging
+  import opd_jax
+  filt = [f for f in logging.getLogger('transformers').filters
+          if type(f).__name__ == '_NoTorchAdvice']
+  assert len(filt) == 1
+  rec = lambda msg: logging.LogRecord('transformers', logging.WARNING, __file__, 1, msg,
+                                      None, None)
+  assert not filt[0].filter(rec("PyTorch was not found. Models won't be available and only "
+                                'tokenizers, configuration and file/data utilities can be '
+                                'used.'))
+  assert filt[0].filter(rec('Some other transformers warning'))
+  assert opd_jax.__version__

@@ -301,15 +301,34 @@ def test_no_held_out_data_skips_evaluation(tmp_path):
   assert not any(k.startswith('eval/') for k in result['history'])
 
 
-def test_truncated_sampling_trains_on_policy(tmp_path):
+@pytest.mark.parametrize('full_vocab', [None, 'jsd_exact', 'reverse_kl'])
+def test_truncated_sampling_trains_on_policy(tmp_path, full_vocab):
   # The review's command: top-k 5 with PPO clipping gave ratio 0.068, clip 1.0, grad 0.0.
+  # With a full_vocab term, that term is of the same truncated policy (finite, logged).
   config = with_overrides(load_config('opd_single_teacher', 'runlocal'), total_steps=1,
                           rollout__top_k=5, rollout__top_p=0.7, rollout__temperature=0.7,
-                          loss__clip_eps=0.2, eval__num_prompts=0, export__hf_dir='')
+                          loss__clip_eps=0.2, eval__num_prompts=0, export__hf_dir='',
+                          loss__full_vocab=full_vocab)
   h = run(config, str(tmp_path))['history']
+  if full_vocab:
+    assert 0 < h['loss/full_vocab'][0][1] < 1e3
   for key in ('is/ratio_mean', 'is/ratio_min', 'is/ratio_max'):
     assert h[key][0][1] == pytest.approx(1.0, abs=1e-5), key
   assert h['is/clip_frac'][0][1] == 0.0 and h['grad_norm'][0][1] > 0
+
+
+@pytest.mark.parametrize('option', ['reverse_kl_exact', 'forward_kl'])
+def test_full_vocab_teacher_that_scores_no_row_of_a_batch(tmp_path, option):
+  # The review's repro: opd_mixed_grpo's math rows with the teacher restricted to 'general'
+  # crashed at step 1 (TypeError: 'NoneType' object is not subscriptable). A batch without
+  # a scored row adds exactly 0 for the divergence.
+  config = with_overrides(load_config('opd_mixed_grpo', 'runlocal'), total_steps=2,
+                          teachers__teacher__tags=['general'], loss__full_vocab=option,
+                          eval__num_prompts=0, export__hf_dir='')
+  result = run(config, str(tmp_path))
+  assert result['step'] == 2
+  assert [v for _, v in result['history']['loss/full_vocab']] == [0.0, 0.0]
+  assert 'reward/mean' in result['history']
 
 
 def test_pure_rl_without_a_teacher(tmp_path):
