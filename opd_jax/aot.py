@@ -471,7 +471,8 @@ def phase_estimates(chk: _Check, config, rows: int, p_len: int, seq: int) -> dic
                'phases': {}}
   cfg = r.student_cfg
   item = r.compute_dtype.itemsize
-  if config.mode == 'opd':
+  rb = rows
+  if config.mode == 'opd' and ('rollout/decode' in fns or 'rollout/segment' in fns):
     sampler = r.sampler
     lay = sampler.run_mesh
     rb = batch_bucket(rows, shd.batch_size_multiple(lay))
@@ -501,6 +502,7 @@ def phase_estimates(chk: _Check, config, rows: int, p_len: int, seq: int) -> dic
              f'{kv_token / GiB:.2f} GiB (mean length {p_len + n_new / 2:.0f}) per device '
              f'per token; collectives: decode {ici_d / max(n_new, 1) / 2**20:.1f} MiB per '
              f'token, prefill {ici_p / GiB:.2f} GiB, relayout {ici_c / GiB:.2f} GiB')
+  if config.mode == 'opd':
     for t in _frozen(r):
       f = fns.get(f'score/{t.name}')
       if f is None:
@@ -532,8 +534,9 @@ def phase_estimates(chk: _Check, config, rows: int, p_len: int, seq: int) -> dic
     out['phases']['update'] = dict(_est_dict(est), note=f'{mini} x B={ub} L={seq}')
   step_s = sum(p['seconds'] for p in out['phases'].values())
   model = 0.0
+  if 'rollout' in out['phases']:
+    model += compute.padded_rollout_flops(cfg, rb, p_len, r.rollout_sp.max_new_tokens)
   if config.mode == 'opd':
-    model += compute.padded_rollout_flops(cfg, rb, p_len, n_new)
     for t in _frozen(r):
       if f'score/{t.name}' in fns:
         model += compute.padded_score_flops(t.cfg, batch_bucket(

@@ -48,6 +48,12 @@ def map_vocab_chunks(hidden_BxTxD, unembed_VxD, fn: Callable[..., Any], extras=N
   """
   b, t, _ = hidden_BxTxD.shape
   vocab = unembed_VxD.shape[0]
+  # The projection, gathered over the data axes once (sharded only over 'tensor'), before
+  # the chunk loop. Left to itself XLA:TPU sinks an FSDP-sharded projection's all-gather
+  # into the loop and gathers [V, D] again for every chunk (opd_single_teacher on v5e-16:
+  # 742 GiB per teacher micro-batch, and the update's gradient all-reduced per chunk too);
+  # the barrier keeps the gathered copy outside.
+  unembed_VxD = jax.lax.optimization_barrier(constrain(unembed_VxD, 'tensor', None))
   c = chunk_size or auto_chunk_size(b, t, vocab)
   n = -(-t // c)
   pad = n * c - t
