@@ -136,7 +136,7 @@ def rollout_and_s(r, config, dtype: str, prompts, key):
   c.student.compute_dtype = dtype
   sampler = r.sampler if dtype == config.student.compute_dtype else Sampler(
       r.graphdef, mesh=r.mesh, pad_id=r.pad_id, cache_dtype=jnp.dtype(dtype),
-      slots=int(config.rollout.slots) or None)
+      slots=int(config.rollout.slots) or None, layout=r.layout)
   rollout = sampler(dataclasses.replace(r, config=c).cast_fn()(r.params), prompts, key,
                     r.rollout_sp)
   tokens, attn, lmask, s_b = steps.rollout_arrays(rollout)
