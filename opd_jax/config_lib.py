@@ -81,7 +81,7 @@ def base_config() -> ConfigDict:
       slots=0,                   # continuous batching: rows decoded at once (0: static)
   ))
 
-  c.agent = ConfigDict(dict(     # multi-turn episodes (opd_jax/multiturn.py, opd_jax/envs/)
+  c.agent = ConfigDict(dict(     # multi-turn episodes (opd_jax/rollout/multiturn.py, opd_jax/envs/)
       tag_to_env=ConfigDict(),   # tag -> environment name (opd_jax.envs.ENVS); empty: off
       env_kwargs=ConfigDict(),   # environment name -> its constructor's keyword arguments
       max_turns=4,               # student turns per episode

@@ -1,6 +1,5 @@
 """LoRA students: frozen base + trainable low-rank adapters (docs/design.md §9).
 
-  spec_from_config(config)          LoraSpec from config.student.lora (None: rank 0, off)
   check_targets(spec, base)         the target regex matches projections only, at least one
   abstract_lora(cfg, hf, spec, ...) (graphdef of the adapted Decoder, adapter
                                     ShapeDtypeStructs with their shardings)
@@ -40,15 +39,6 @@ from opd_jax.models.decoder import Decoder, LoraSpec
 # Parameter paths an adapter may target: the layers' seven projections.
 _TARGETABLE = re.compile(r'layers/(self_attn/(q|k|v|o)_proj|mlp/(gate|up|down)_proj)/weight')
 _ADAPTER = re.compile(r'(layers/.*_proj)/lora/lora_(a|b)')
-
-
-def spec_from_config(config) -> LoraSpec | None:
-  """The LoraSpec of `config.student.lora`, or None when rank is 0 (validated by
-  builder.validate, which names the field on bad values)."""
-  lc = config.student.lora
-  if not int(lc.rank):
-    return None
-  return LoraSpec(rank=int(lc.rank), alpha=float(lc.alpha), targets=str(lc.targets))
 
 
 def check_targets(spec: LoraSpec, base_params) -> list[str]:
@@ -208,4 +198,4 @@ def save_peft_adapter(spec: LoraSpec, adapters, path: str, *, base_model: str,
 __all__ = ['LoraSpec', 'PEFT_ADAPTER_CONFIG', 'PEFT_ADAPTER_WEIGHTS', 'abstract_lora',
            'adapter_shardings', 'check_targets', 'init_adapters', 'join', 'merge_params',
            'num_params', 'param_counts', 'peft_config', 'peft_state', 'save_peft_adapter',
-           'spec_from_config']
+]

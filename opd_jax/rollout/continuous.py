@@ -1,7 +1,7 @@
 """Continuous batching for rollouts: R cache rows ("slots") decode together, and a slot whose
 request stopped (stop token or max_new_tokens) takes the next pending prompt.
 
-Legend: R slots, B requests, P prompt slots (bucketed, as in sampling.py), N max new tokens,
+Legend: R slots, B requests, P prompt slots (bucketed, as in sampler.py), N max new tokens,
 S = P + N + slack cache slots per slot, r refill rows (a batch bucket), V vocab.
 
 Used through `Sampler(graphdef, ..., slots=R)`; the result is the static sampler's Rollout
@@ -40,8 +40,9 @@ from flax import nnx
 
 from opd_jax import sharding as shd
 from opd_jax.models.decoder import init_cache
-from opd_jax.sampling import (DecodeState, SamplingParams, _cache_spec, _prefill, _select,
-                              batch_bucket, row_keys)
+from opd_jax.buckets import batch_bucket
+from opd_jax.rollout.decode import (DecodeState, SamplingParams, cache_spec, prefill, row_keys,
+                                    select)
 
 
 @dataclasses.dataclass
@@ -72,7 +73,7 @@ def _init(graphdef, params, *, slots: int, prompt_len: int, cache_len: int, n: i
           rows: int, pad_id: int, cache_dtype):
   model = nnx.merge(graphdef, params)
   cache = init_cache(model.cfg, slots, cache_len, cache_dtype or model.dtype)
-  cache = jax.tree.map(lambda c: shd.constrain(c, *_cache_spec()), cache)
+  cache = jax.tree.map(lambda c: shd.constrain(c, *cache_spec()), cache)
   v = model.cfg.vocab_size
   dec = DecodeState(jnp.int32(prompt_len), cache, _rows(jnp.ones((slots,), bool)),
                     _rows(jnp.zeros((slots, v), jnp.float32)),
@@ -104,7 +105,7 @@ def _refill(graphdef, params, st: SlotState, out, ids_rxP, mask_rxP, src_R, req_
   `src_R[s]` (-1: none) into slot s as request `req_R[s]`."""
   out = _harvest(st, out)
   p = ids_rxP.shape[1]
-  pre_cache, pre_logits = _prefill(graphdef, params, ids_rxP, mask_rxP, max_new_tokens=0,
+  pre_cache, pre_logits = prefill(graphdef, params, ids_rxP, mask_rxP, max_new_tokens=0,
                                    cache_dtype=cache_dtype)
   d = st.dec
   slots, cache_len = st.kv_mask.shape
@@ -151,7 +152,7 @@ def _segment(graphdef, params, st: SlotState, need, key, *, sp: SamplingParams, 
   def body(st: SlotState):
     d = st.dec
     logits = d.logits if logits_fn is None else logits_fn(d.logits)
-    token, logp = _select(logits, row_keys(key, jnp.maximum(st.req, 0), st.i), sp)
+    token, logp = select(logits, row_keys(key, jnp.maximum(st.req, 0), st.i), sp)
     live = ~d.done
     token = jnp.where(live, token, pad_id).astype(jnp.int32)
     hit = (col_N == st.i[:, None]) & live[:, None]

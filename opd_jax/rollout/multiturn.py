@@ -20,12 +20,12 @@ An episode (docs/design.md §10):
      the environment raises (a `ToolError` is counted as a tool error, anything else as an
      environment error); its error is recorded and the other rows go on.
 
-Cache layout. All rows write at one shared pointer g (as in opd_jax/continuous.py): a turn
+Cache layout. All rows write at one shared pointer g (as in opd_jax/rollout/continuous.py): a turn
 writes step i at slot g + i for every row, an observation block (left-padded to O) at
 [g, g + O). A row that is idle (its turn ended, or its episode did) has `kv_mask` 0 at those
 slots, so it attends exactly to its own tokens; positions count each row's real tokens, so
 RoPE phases, hence logits, are those of the compact sequence a re-prefill would see
-(tests/test_multiturn.py checks <= 1e-5). S = P + max_turns * n + (max_turns - 1) * O_max.
+(tests/rollout/test_multiturn.py checks <= 1e-5). S = P + max_turns * n + (max_turns - 1) * O_max.
 
 The training arrays are compact: [B, P + N] with the left-padded prompt, then each row's
 student and observation tokens right-padded to N. `loss_mask` (and the behaviour logprobs
@@ -52,7 +52,7 @@ from flax import nnx
 from opd_jax import envs as envs_lib
 from opd_jax import sharding as shd
 from opd_jax.buckets import DEFAULT_PROMPT_BUCKETS, batch_bucket, bucket, left_pad
-from opd_jax.sampling import SamplingParams, _prefill, _select, row_keys
+from opd_jax.rollout.decode import SamplingParams, prefill, row_keys, select
 
 log = logging.getLogger(__name__)
 
@@ -77,42 +77,6 @@ class Budgets:
     if self.max_tokens_per_turn > self.max_episode_tokens:
       raise ValueError(f'config.agent.max_tokens_per_turn={self.max_tokens_per_turn} exceeds '
                        f'config.agent.max_episode_tokens={self.max_episode_tokens}')
-
-  @classmethod
-  def from_config(cls, agent) -> 'Budgets':
-    return cls(**{f.name: agent[f.name] for f in dataclasses.fields(cls)})
-
-
-def validate_config(config) -> None:
-  """The agent section's checks (no weights, no data); raises ConfigError naming the field."""
-  from opd_jax.builder import ConfigError
-  a = config.agent
-  if not a.tag_to_env:
-    if a.env_kwargs:
-      raise ConfigError('config.agent.env_kwargs is set but config.agent.tag_to_env is empty')
-    return
-  for tag, name in a.tag_to_env.items():
-    if name not in envs_lib.ENVS:
-      raise ConfigError(f'config.agent.tag_to_env[{tag!r}]={name!r}: unknown environment; '
-                        f'known: {", ".join(sorted(envs_lib.ENVS))}')
-  for name, kw in a.env_kwargs.items():
-    if name not in envs_lib.ENVS:
-      raise ConfigError(f'config.agent.env_kwargs.{name}: unknown environment; known: '
-                        f'{", ".join(sorted(envs_lib.ENVS))}')
-    try:
-      envs_lib.make_env(name, **dict(kw))
-    except TypeError as e:
-      raise ConfigError(f'config.agent.env_kwargs.{name}: {e}') from None
-  try:
-    Budgets.from_config(a)
-  except ValueError as e:
-    raise ConfigError(str(e)) from None
-  if config.mode != 'opd':
-    raise ConfigError(f'config.agent.tag_to_env needs config.mode=opd (got {config.mode!r}): '
-                      'multi-turn episodes are on-policy rollouts')
-  if jax.process_count() > 1:
-    raise ConfigError('config.agent.tag_to_env: multi-turn rollouts run on one process only '
-                      '(not yet on several)')
 
 
 # ------------------------------------------------------------------- observation format
@@ -171,7 +135,7 @@ def _turn(graphdef, params, cache, kv_mask_BxS, logits_BxV, pos_B, done_B, limit
   def body(st):
     i = st['i']
     logits = st['logits'] if logits_fn is None else logits_fn(st['logits'])
-    token, logp = _select(logits, row_keys(key, request_B, jnp.broadcast_to(i, (b,))), sp)
+    token, logp = select(logits, row_keys(key, request_B, jnp.broadcast_to(i, (b,))), sp)
     live = ~st['done']
     token = jnp.where(live, token, pad_id).astype(jnp.int32)
     at = (0, i)
@@ -341,7 +305,7 @@ class MultiTurnSampler:
                         else self.stop_ids[0])
     self._formats: dict[str, ObservationFormat] = {}
     g = graphdef
-    self._prefill = jax.jit(functools.partial(_prefill, g),
+    self._prefill = jax.jit(functools.partial(prefill, g),
                             static_argnames=('max_new_tokens', 'cache_dtype'))
     self._turn = jax.jit(functools.partial(_turn, g, logits_fn=logits_fn),
                          static_argnames=('sp', 'pad_id'), donate_argnums=(1, 2))
@@ -380,7 +344,7 @@ class MultiTurnSampler:
   def __call__(self, params, records, key, *, temperature: float = 1.0, top_k: int = 0,
                top_p: float = 1.0) -> Episodes:
     from opd_jax.data import DataError
-    from opd_jax.evaluation import record_dict
+    from opd_jax.data import record_dict
     bd = self.budgets
     b = len(records)
     if b == 0:
@@ -541,7 +505,7 @@ def replay(mt: 'MultiTurnSampler', records, turns: Sequence[Sequence[str]], *,
   so an SFT batch on them trains the turns the sampler will produce. Behaviour logprobs are
   0. A transcript that ends early (the environment says done) drops its remaining turns; one
   over agent.max_episode_tokens is an error naming the record. `prompt_len` fixes P."""
-  from opd_jax.evaluation import record_dict
+  from opd_jax.data import record_dict
   bd = mt.budgets
   b = len(records)
   firsts, seqs, stus, n_turns, rewards, ends = [], [], [], [], [], []
@@ -609,34 +573,6 @@ class _null:
     return False
 
 
-# ------------------------------------------------------------------- trainer integration
-def from_config(config, run, tokenizer, encoder) -> MultiTurnSampler | None:
-  """The run's multi-turn sampler, or None when config.agent.tag_to_env is empty."""
-  a = config.agent
-  if not a.tag_to_env:
-    return None
-  return MultiTurnSampler(
-      run.graphdef, mesh=run.mesh, tokenizer=tokenizer, encoder=encoder,
-      stop_ids=run.stop_ids, pad_id=run.pad_id, tag_to_env=dict(a.tag_to_env),
-      env_kwargs={k: dict(v) for k, v in a.env_kwargs.items()}, budgets=Budgets.from_config(a),
-      cache_dtype=jnp.dtype(config.student.compute_dtype))
-
-
-def outcome_rewards(config, episodes: Episodes, records) -> np.ndarray:
-  """Rewards [B] for mixed / RL mode: the episode reward on rows with an environment, the
-  tag's reward (config.rl) on the final turn of the others."""
-  from opd_jax import rewards as rewards_lib
-  from opd_jax.evaluation import record_dict
-  rew = episodes.reward.astype(np.float32).copy()
-  other = [i for i in range(len(records)) if not episodes.has_env[i]]
-  if other:
-    texts = episodes.final_texts()
-    rew[other] = rewards_lib.compute_rewards(
-        [texts[i] for i in other], [record_dict(records[i]) for i in other],
-        dict(config.rl.tag_to_reward), default=config.rl.default_reward)
-  return rew
-
-
 def evaluate(mt: MultiTurnSampler, *, key, params, records, batch_size: int, temperature: float,
              top_k: int = 0, top_p: float = 1.0, kl_fn=None, teachers=(),
              base: dict | None = None, n_single: int = 0) -> dict[str, float]:
@@ -690,22 +626,4 @@ def evaluate(mt: MultiTurnSampler, *, key, params, records, batch_size: int, tem
 
 
 __all__ = ['Budgets', 'Episodes', 'MultiTurnSampler', 'ObservationFormat', 'evaluate',
-           'from_config', 'outcome_advantage', 'outcome_rewards', 'replay', 'rollout_flops',
-           'validate_config']
-
-
-def outcome_advantage(config, episodes: Episodes, records, n_samples: int):
-  """(outcome advantage [B] on device, rewards [B] host) for mixed / RL mode with episodes."""
-  from opd_jax import advantages as adv_lib
-  rew = outcome_rewards(config, episodes, records)
-  kw = {'normalize_std': config.rl.normalize_std} if config.rl.estimator == 'grpo' else {}
-  return (jnp.asarray(adv_lib.outcome_advantage(config.rl.estimator, rew, n_samples, **kw),
-                      jnp.float32), rew)
-
-
-def rollout_flops(cfg, episodes: Episodes) -> int:
-  """Analytic FLOPs of the episodes: the prompt's prefill, then every later token (student
-  or observation) as one cached step (observation prefills cost about the same per token)."""
-  from opd_jax import compute
-  prompt = episodes.prompt_mask.sum(-1)
-  return compute.rollout_flops(cfg, prompt, episodes.attn.sum(-1))
+           'replay']

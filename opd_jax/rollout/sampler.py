@@ -13,7 +13,7 @@ Python runs per token.
 Draws. Request r (its index in the prompt list; on several processes, its global row) draws
 its response step i with the key fold_in(fold_in(call key, r), i) and its own Gumbel noise
 (one draw per row), so what it samples depends only on its key and its prompt, never on the
-batch around it: the continuous-batching sampler (`opd_jax.continuous`, `Sampler(...,
+batch around it: the continuous-batching sampler (`opd_jax.rollout.continuous`, `Sampler(...,
 slots=R)`) returns the same tokens and logprobs as this static one.
 
 Behaviour logprobs. `logprobs[:, i]` is the log-probability of the sampled token under the
@@ -40,36 +40,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from opd_jax import policy as policy_lib
 from opd_jax.buckets import DEFAULT_PROMPT_BUCKETS, batch_bucket, bucket, left_pad
 from opd_jax import sharding as shd
-from opd_jax.models.decoder import init_cache
+from opd_jax.rollout.continuous import ContinuousBatcher
+from opd_jax.rollout.decode import (DecodeState, SamplingParams, prefill, row_keys,
+                                    select)
 
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplingParams:
-  """Static sampling settings (a change recompiles).
-
-  temperature 0 = greedy; top_k 0 = off; top_p 1.0 = off; stop_ids end a row (the stop
-  token itself is part of the response).
-  """
-  max_new_tokens: int
-  temperature: float = 1.0
-  top_k: int = 0
-  top_p: float = 1.0
-  stop_ids: tuple[int, ...] = ()
-
-  def __post_init__(self):
-    if self.max_new_tokens < 1:
-      raise ValueError(f'max_new_tokens must be >= 1, got {self.max_new_tokens}')
-    if self.temperature < 0:
-      raise ValueError(f'temperature must be >= 0, got {self.temperature}')
-    if not 0.0 < self.top_p <= 1.0:
-      raise ValueError(f'top_p must be in (0, 1], got {self.top_p}')
-    if self.top_k < 0:
-      raise ValueError(f'top_k must be >= 0, got {self.top_k}')
-    object.__setattr__(self, 'stop_ids', tuple(int(i) for i in self.stop_ids))
 
 
 @dataclasses.dataclass
@@ -106,78 +82,6 @@ jax.tree_util.register_dataclass(
                           'decode_steps'], meta_fields=['host_count'])
 
 
-def _argmax(x):
-  """First index of the maximum along the last axis. Two plain reductions: XLA:CPU runs
-  jnp.argmax's (value, index) reduction ~50x slower at V = 2048."""
-  top = jnp.max(x, axis=-1, keepdims=True)
-  iota = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
-  return jnp.minimum(jnp.min(jnp.where(x == top, iota, x.shape[-1]), axis=-1), x.shape[-1] - 1)
-
-
-def row_keys(key, request_B, step_B):
-  """Per-row draw keys fold_in(fold_in(key, request), step) [B] (request, step int [B])."""
-  fold = jax.vmap(jax.random.fold_in, in_axes=(None, 0))
-  return jax.vmap(jax.random.fold_in)(fold(key, request_B.astype(jnp.uint32)),
-                                      step_B.astype(jnp.uint32))
-
-
-def _select(logits_BxV, keys_B, sp: SamplingParams):
-  """Draws one token per row, row b with its own key `keys_B[b]`; returns (token [B],
-  logprob under the drawn-from distribution [B])."""
-  if sp.temperature == 0.0:
-    token = _argmax(logits_BxV)
-    logp = jax.nn.log_softmax(logits_BxV, axis=-1)
-    return token, jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0]
-  x = policy_lib.truncate(logits_BxV / sp.temperature, sp.top_k, sp.top_p)
-  # Gumbel-max, as jax.random.categorical does (same first-index tie rule); each row's noise
-  # comes from its own key, so a row's draw does not depend on the others.
-  noise = jax.vmap(lambda k: jax.random.gumbel(k, x.shape[-1:], jnp.float32))(keys_B)
-  token = _argmax(x + noise)
-  logp = jax.nn.log_softmax(x, axis=-1)
-  return token, jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0]
-
-
-@dataclasses.dataclass
-class DecodeState:
-  """The decode loop's carry. `step`: loop iterations so far (the static sampler writes
-  every row's response step `step` at cache slot P + step; the continuous one uses it as
-  the shared cache write slot). cache: {'k', 'v'}: L arrays [B, S, K, E]; done [B]; logits
-  [B, V] (of each row's last token); tokens / mask / logps [B, N] (the responses so far)."""
-  step: jax.Array
-  cache: dict
-  done: jax.Array
-  logits: jax.Array
-  tokens: jax.Array
-  mask: jax.Array
-  logps: jax.Array
-
-
-jax.tree_util.register_dataclass(
-    DecodeState, data_fields=['step', 'cache', 'done', 'logits', 'tokens', 'mask', 'logps'],
-    meta_fields=[])
-
-
-def _cache_spec():
-  return (shd.BATCH_AXES, None, 'tensor', None)  # each layer's [B, S, K, E]
-
-
-def _prefill(graphdef, params, prompt_ids_BxP, prompt_mask_BxP, *, max_new_tokens: int,
-             cache_dtype):
-  model = nnx.merge(graphdef, params)
-  b, p = prompt_ids_BxP.shape
-  # Per-layer cache arrays: the prefill (a scan over the stacked layers) fills their first P
-  # slots, every decode step (layers unrolled) updates them in place.
-  cache = init_cache(model.cfg, b, p + max_new_tokens, cache_dtype or model.dtype)
-  cache = jax.tree.map(lambda c: shd.constrain(c, *_cache_spec()), cache)
-  kv_mask_BxS = jnp.concatenate(
-      [prompt_mask_BxP, jnp.ones((b, max_new_tokens), prompt_mask_BxP.dtype)], axis=1)
-  positions = jnp.maximum(jnp.cumsum(prompt_mask_BxP, axis=-1) - 1, 0)
-  hidden, cache = model.hidden(prompt_ids_BxP, positions_BxT=positions, cache=cache,
-                               kv_mask_BxS=kv_mask_BxS, start=0)
-  logits = model.logits(hidden[:, -1:])[:, 0]
-  return cache, logits
-
-
 def _decode(graphdef, params, cache, logits_BxV, prompt_mask_BxP, done_B, key, *,
             sp: SamplingParams, pad_id: int, logits_fn=None):
   model = nnx.merge(graphdef, params)
@@ -197,7 +101,7 @@ def _decode(graphdef, params, cache, logits_BxV, prompt_mask_BxP, done_B, key, *
   def body(st: DecodeState):
     logits = st.logits if logits_fn is None else logits_fn(st.logits)
     keys = row_keys(key, request_B, jnp.broadcast_to(st.step, (b,)))
-    token, logp = _select(logits, keys, sp)
+    token, logp = select(logits, keys, sp)
     token = jnp.where(st.done, pad_id, token).astype(jnp.int32)
     live = ~st.done
     tokens = jax.lax.dynamic_update_slice(st.tokens, token[:, None], (0, st.step))
@@ -231,12 +135,12 @@ class Sampler:
   left-padded. With a mesh, rows are split over the data axes and the cache's kv heads over
   'tensor'; parameters keep whatever sharding they were created with.
 
-  `slots` R (None or 0: off) turns on continuous batching (`opd_jax.continuous`): R cache
+  `slots` R (None or 0: off) turns on continuous batching (`opd_jax.rollout.continuous`): R cache
   rows decode at once and a row that stops takes the next pending prompt; same draws and
   the same Rollout layout as without it. It is used when there are more prompts than slots
   on one process; otherwise (or on several processes) the static path runs, which draws the
   same samples. `refill_min` (default max(1, R // 8)) and `cache_slack` (default 32) tune it
-  (see opd_jax/continuous.py). `logits_fn` (benchmarks and tests only, never training)
+  (see opd_jax/rollout/continuous.py). `logits_fn` (benchmarks and tests only, never training)
   transforms each step's logits [B, V] before the policy.
   """
 
@@ -248,7 +152,7 @@ class Sampler:
     self.mesh = mesh
     self.pad_id = int(pad_id)
     self.prompt_buckets = tuple(sorted(prompt_buckets))
-    self._prefill = jax.jit(functools.partial(_prefill, graphdef), static_argnames=(
+    self._prefill = jax.jit(functools.partial(prefill, graphdef), static_argnames=(
         'max_new_tokens', 'cache_dtype'))
     self._decode = jax.jit(functools.partial(_decode, graphdef, logits_fn=logits_fn),
                            static_argnames=('sp', 'pad_id'), donate_argnums=(1,))
@@ -258,7 +162,6 @@ class Sampler:
       raise ValueError(f'slots must be >= 0 (0 or None: static batching), got {slots}')
     self.continuous = None
     if self.slots:
-      from opd_jax.continuous import ContinuousBatcher
       self.continuous = ContinuousBatcher(graphdef, slots=self.slots, mesh=mesh,
                                           pad_id=self.pad_id, cache_dtype=cache_dtype,
                                           refill_min=refill_min, cache_slack=cache_slack,

@@ -11,7 +11,7 @@ route 0, so they contribute nothing (losses.opd_advantage ignores unrouted value
 An in-process teacher lives on the student's mesh or on its own device slice
 (`devices='4:8'`); scoring calls are dispatched without waiting, so teachers on disjoint
 devices run concurrently. A remote teacher (`remote_url`) is served over HTTP by
-`opd_jax.serve_teacher` or any SGLang / vLLM server (opd_jax.remote).
+`opd_jax.teachers.server` or any SGLang / vLLM server (opd_jax.teachers.remote).
 """
 
 from __future__ import annotations
@@ -31,14 +31,15 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from opd_jax import sharding as shd
 from opd_jax.models import load_pretrained
 from opd_jax.buckets import batch_bucket
-from opd_jax.scoring import make_score_fn
+from opd_jax.teachers.scoring import make_score_fn
 
 log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
 class TeacherSpec:
-  """One entry of `config.teachers` (see configs/ and README's config reference)."""
+  """One teacher: an entry of `config.teachers` read by `training.specs.teacher_spec` (see
+  configs/ and README's config reference)."""
   name: str
   model: str | None = None
   kl_coef: float = 1.0
@@ -56,20 +57,6 @@ class TeacherSpec:
   def handles(self, tag: str) -> bool:
     return not self.tags or tag in self.tags
 
-  @classmethod
-  def from_config(cls, name: str, cfg) -> 'TeacherSpec':
-    d = dict(cfg)
-    unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-    if unknown:
-      raise ValueError(f'config.teachers.{name}: unknown fields {sorted(unknown)}')
-    d['tags'] = tuple(d.get('tags') or ())
-    spec = cls(name=name, **d)
-    if bool(spec.model) == bool(spec.remote_url):
-      raise ValueError(f'config.teachers.{name}: set exactly one of model (in-process) and '
-                       f'remote_url (served elsewhere); got model={spec.model!r}, '
-                       f'remote_url={spec.remote_url!r}')
-    return spec
-
 
 def route_matrix(tags: Sequence[str], specs: Sequence[TeacherSpec]) -> np.ndarray:
   """route[i, j] = 1.0 when teacher j handles row i's tag. [B, J] float32."""
@@ -85,7 +72,7 @@ class Teacher(typing.Protocol):
   `score` returns {'logprobs' [B, T], plus 'top_logprobs' / 'top_ids' [B, T, K] when
   top_k} for all B rows (zeros on rows not in `rows`), or None when `rows` is empty; the
   logprobs are of softmax(logits / temperature) (docs/design.md §3.2). Both kinds are built
-  by `opd_jax.builder.make_teacher` with the same settings."""
+  by `opd_jax.training.builder.make_teacher` with the same settings."""
   name: str
   spec: TeacherSpec
   cfg: typing.Any

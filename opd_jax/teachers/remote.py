@@ -1,7 +1,8 @@
-"""A teacher served over HTTP (opd_jax.serve_teacher, SGLang or vLLM), behind LocalTeacher's
+"""A teacher served over HTTP (opd_jax.teachers.server, SGLang or vLLM), behind LocalTeacher's
 interface, so the trainer's advantage code cannot tell the two apart.
 
-Legend (docs/design.md §7): B rows of the batch, T positions (left-padded prompt + right-padded response), K top-k.
+Legend (docs/design.md §7): B rows of the batch, T positions (left-padded prompt +
+right-padded response), K top-k.
 
 For each routed row, the real tokens (mask 1, padding stripped) are posted as one request,
 `remote_concurrency` requests at a time; each answer is scattered back to the row's real
@@ -39,11 +40,12 @@ import urllib.request
 import numpy as np
 
 from opd_jax.data import VocabMismatchError
+from opd_jax.teachers import wire
 
 log = logging.getLogger(__name__)
 
 MAX_BACKOFF_S = 30.0
-PROTOCOLS = ('sglang', 'vllm')
+PROTOCOLS = wire.PROTOCOLS
 
 
 class RemoteTeacherError(RuntimeError):
@@ -143,7 +145,7 @@ class RemoteTeacher:
     if spec.remote_protocol == 'vllm' and temperature != 1.0:
       raise ValueError(f'teacher {spec.name!r}: vLLM returns untempered prompt logprobs, but the '
                        f'rollout temperature is {temperature}; use remote_protocol=sglang '
-                       f'(opd_jax.serve_teacher applies the temperature) or temperature 1')
+                       f'(opd_jax.teachers.server applies the temperature) or temperature 1')
     self.url = spec.remote_url.rstrip('/')
     self.cfg = None  # the architecture is not known here (no FLOP accounting)
     self.mesh = mesh
@@ -203,54 +205,16 @@ class RemoteTeacher:
 
   # ---------------------------------------------------------------------------- scoring
   def _payload(self, ids: list[int]) -> tuple[str, dict]:
-    if self.spec.remote_protocol == 'sglang':
-      body = dict(input_ids=ids, return_logprob=True, logprob_start_len=0,
-                  sampling_params=dict(max_new_tokens=0, temperature=self.temperature))
-      if self.top_k:
-        body['top_logprobs_num'] = self.top_k
-      return '/generate', body
-    body = dict(prompt=ids, max_tokens=1, prompt_logprobs=self.top_k, temperature=1.0)
-    if self._model_id:
-      body['model'] = self._model_id
-    return '/v1/completions', body
+    return wire.request(self.spec.remote_protocol, ids, temperature=self.temperature,
+                        top_k=self.top_k, model_id=self._model_id)
 
   def _parse(self, ids: list[int], ans) -> dict:
     """{'logprobs' [n], 'top_logprobs' [n, K], 'top_ids' [n, K]} from one answer."""
-    n, k = len(ids), self.top_k
-    lp = np.zeros((n,), np.float32)
-    top_lp, top_ids = np.zeros((n, k), np.float32), np.zeros((n, k), np.int32)
-    where = f'{self.url}: malformed answer'
     try:
-      if self.spec.remote_protocol == 'sglang':
-        meta = (ans[0] if isinstance(ans, list) else ans)['meta_info']
-        entries, tops = meta['input_token_logprobs'], meta.get('input_top_logprobs')
-        if len(entries) != n:
-          raise RemoteTeacherError(f'{where}: {len(entries)} input_token_logprobs for {n} tokens')
-        for t, (logprob, tid, *_) in enumerate(entries):
-          if tid != ids[t]:
-            raise RemoteTeacherError(f'{where}: token id {tid} at position {t}, sent {ids[t]}')
-          lp[t] = 0.0 if logprob is None else logprob
-          if k and t and tops and tops[t]:
-            row = sorted(tops[t], key=lambda e: -e[0])[:k]
-            top_lp[t, :len(row)] = [e[0] for e in row]
-            top_ids[t, :len(row)] = [e[1] for e in row]
-      else:
-        entries = ans['choices'][0]['prompt_logprobs']
-        if len(entries) != n:
-          raise RemoteTeacherError(f'{where}: {len(entries)} prompt_logprobs for {n} tokens')
-        for t, entry in enumerate(entries):
-          if t == 0 or entry is None:
-            continue
-          lp[t] = entry[str(ids[t])]['logprob']
-          if k:
-            row = sorted((v['rank'], int(tid), v['logprob']) for tid, v in entry.items()
-                         if v.get('rank') is not None and v['rank'] <= k)[:k]
-            top_lp[t, :len(row)] = [e[2] for e in row]
-            top_ids[t, :len(row)] = [e[1] for e in row]
-    except (KeyError, IndexError, TypeError, ValueError) as e:
-      raise RemoteTeacherError(f'{where} ({type(e).__name__}: {e}) for protocol '
-                               f'{self.spec.remote_protocol!r}: {str(ans)[:300]}') from None
-    return {'logprobs': lp, 'top_logprobs': top_lp, 'top_ids': top_ids}
+      return wire.parse_response(self.spec.remote_protocol, ids, ans, top_k=self.top_k,
+                                 where=f'{self.url}: malformed answer')
+    except wire.MalformedAnswer as e:
+      raise RemoteTeacherError(str(e)) from None
 
   def _score_one(self, ids: list[int], abort: threading.Event) -> dict:
     path, body = self._payload(ids)

@@ -1,9 +1,10 @@
 """A teacher scoring server: per-token logprobs of given token ids, over HTTP, batched.
 
-  python -m opd_jax.serve_teacher --model /ckpt/Qwen3-32B --mesh fsdp=-1,tensor=1 --port 30000
+  python -m opd_jax.teachers.server --model /ckpt/Qwen3-32B --mesh fsdp=-1,tensor=1 --port 30000
 
-Loads a HF checkpoint (or a `tiny:` spec, see opd_jax.tiny) with `load_pretrained`, sharded
-over this host's devices, and speaks enough of two servers' protocols for scoring:
+Loads a HF checkpoint (or a `tiny:` spec, see opd_jax.models.tiny) with `load_pretrained`, sharded
+over this host's devices, and speaks enough of two servers' protocols for scoring (the
+requests and responses are defined once, in `opd_jax.teachers.wire`):
 
   POST /generate        SGLang's native API with max_new_tokens 0:
       {"input_ids": [ids] | [[ids], ...], "sampling_params": {"max_new_tokens": 0,
@@ -44,13 +45,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 
-log = logging.getLogger('opd_jax.serve_teacher')
+from opd_jax.teachers import wire
+from opd_jax.teachers.wire import BadRequest
+
+log = logging.getLogger('opd_jax.teachers.server')
 
 MAX_BODY_BYTES = 256 << 20
-
-
-class BadRequest(ValueError):
-  """A client error: HTTP 400 with this message."""
 
 
 class Busy(RuntimeError):
@@ -96,7 +96,7 @@ class ScoringEngine:
     from flax import nnx
 
     from opd_jax import sharding as shd
-    from opd_jax import tiny
+    from opd_jax.models import tiny
     from opd_jax.models import load_pretrained
 
     self.model_path = tiny.resolve_model(model_path)
@@ -262,7 +262,7 @@ class ScoringEngine:
       yield batch
 
   def _fn(self, temperature: float, k: int):
-    from opd_jax.scoring import make_score_fn
+    from opd_jax.teachers.scoring import make_score_fn
     key = (temperature, k)
     if key not in self._fns:
       # T = 0 (greedy) reports untempered logprobs, as the sampler does.
@@ -307,29 +307,19 @@ class ScoringEngine:
 
 
 def _tokenizer_info(path: str) -> dict:
-  """The tokenizer's length and fingerprint (opd_jax.remote.tokenizer_fingerprint), if any."""
+  """The tokenizer's length and fingerprint (opd_jax.teachers.remote.tokenizer_fingerprint),
+  if any."""
   try:
     import transformers
     tok = transformers.AutoTokenizer.from_pretrained(path)
   except Exception as e:  # noqa: BLE001 -- a model without a tokenizer can still be served
     log.warning('%s: no tokenizer (%s); clients cannot check vocabulary identity', path, e)
     return dict(tokenizer_size=None, tokenizer_fingerprint=None)
-  from opd_jax.remote import tokenizer_fingerprint
+  from opd_jax.teachers.remote import tokenizer_fingerprint
   return dict(tokenizer_size=len(tok), tokenizer_fingerprint=tokenizer_fingerprint(tok))
 
 
 # --------------------------------------------------------------------------- protocols
-def _field(body: dict, name: str, kind, default, where: str):
-  value = body.get(name, default)
-  if value is None:
-    return default
-  if kind is float and type(value) is int:
-    value = float(value)
-  if type(value) is not kind:
-    raise BadRequest(f'{where}.{name}: expected {kind.__name__}, got {value!r}')
-  return value
-
-
 def _sequences(value, where: str, engine: ScoringEngine) -> tuple[list[np.ndarray], bool]:
   """([ids, ...], batched) from `[ids]` or `[[ids], ...]`."""
   if isinstance(value, str) or (isinstance(value, list) and value and isinstance(value[0], str)):
@@ -340,85 +330,25 @@ def _sequences(value, where: str, engine: ScoringEngine) -> tuple[list[np.ndarra
 
 
 def handle_generate(engine: ScoringEngine, body: dict, timeout_s: float):
-  """SGLang's /generate, scoring only (see the module docstring)."""
-  if 'input_ids' not in body:
-    raise BadRequest('missing field input_ids (this server scores token ids; text is not '
-                     'accepted)')
-  seqs, batched = _sequences(body['input_ids'], 'input_ids', engine)
-  sp = body.get('sampling_params') or {}
-  if not isinstance(sp, dict):
-    raise BadRequest(f'sampling_params: expected an object, got {sp!r}')
-  if _field(sp, 'max_new_tokens', int, 0, 'sampling_params') != 0:
-    raise BadRequest('sampling_params.max_new_tokens must be 0: this server only scores')
-  temperature = _field(sp, 'temperature', float, 1.0, 'sampling_params')
-  if temperature < 0:
-    raise BadRequest(f'sampling_params.temperature={temperature} must be >= 0')
-  if not _field(body, 'return_logprob', bool, False, 'request'):
-    raise BadRequest('return_logprob must be true: this server only returns logprobs')
-  if body.get('stream'):
-    raise BadRequest('stream is not supported')
-  start = _field(body, 'logprob_start_len', int, 0, 'request')
-  start = 0 if start == -1 else start  # SGLang's "unset"
-  top_k = _field(body, 'top_logprobs_num', int, 0, 'request')
-  for i, s in enumerate(seqs):
-    if not 0 <= start < len(s):
-      raise BadRequest(f'logprob_start_len={start} must be in [0, {len(s)}) for input {i}')
-  results = engine.score(seqs, temperature=temperature, top_k=top_k, timeout_s=timeout_s)
-  outs = []
-  for s, r in zip(seqs, results):
-    lp = r['logprobs'].tolist()
-    meta = dict(prompt_tokens=len(s), completion_tokens=0, cached_tokens=0,
-                finish_reason=dict(type='length', length=0), output_token_logprobs=[],
-                input_token_logprobs=[[None if t == 0 else lp[t], int(s[t]), None]
-                                      for t in range(start, len(s))])
-    if top_k:
-      tl, ti = r['top_logprobs'].tolist(), r['top_ids'].tolist()
-      meta['input_top_logprobs'] = [
-          None if t == 0 else [[a, b, None] for a, b in zip(tl[t], ti[t])]
-          for t in range(start, len(s))]
-      meta['output_top_logprobs'] = []
-    outs.append(dict(text='', output_ids=[], meta_info=meta))
-  return outs if batched else outs[0]
+  """SGLang's /generate, scoring only (`wire.parse_generate`, `wire.generate_response`)."""
+  req = wire.parse_generate(body, lambda v, where: _sequences(v, where, engine))
+  results = engine.score(req.seqs, temperature=req.temperature, top_k=req.top_k,
+                         timeout_s=timeout_s)
+  return wire.generate_response(req, results)
 
 
 def handle_completions(engine: ScoringEngine, body: dict, timeout_s: float):
-  """vLLM's /v1/completions with prompt_logprobs, scoring only (see the module docstring)."""
-  if 'prompt' not in body:
-    raise BadRequest('missing field prompt (token ids)')
-  seqs, _ = _sequences(body['prompt'], 'prompt', engine)
-  if _field(body, 'max_tokens', int, 1, 'request') not in (0, 1):
-    raise BadRequest('max_tokens must be 0 or 1: this server only scores the prompt')
-  if body.get('prompt_logprobs') is None:
-    raise BadRequest('prompt_logprobs must be set (0 for the actual tokens only, or K)')
-  top_k = _field(body, 'prompt_logprobs', int, 0, 'request')
-  if body.get('stream'):
-    raise BadRequest('stream is not supported')
-  results = engine.score(seqs, temperature=1.0, top_k=top_k, timeout_s=timeout_s)
-  choices = []
-  for i, (s, r) in enumerate(zip(seqs, results)):
-    lp = r['logprobs'].tolist()
-    plp = [None]
-    for t in range(1, len(s)):
-      entry = {}
-      if top_k:
-        for rank, (a, b) in enumerate(zip(r['top_logprobs'][t].tolist(),
-                                          r['top_ids'][t].tolist()), 1):
-          entry[str(b)] = dict(logprob=a, rank=rank, decoded_token=None)
-      # The actual token's rank is known only when it is in the top K (vLLM's Logprob.rank
-      # is optional).
-      entry.setdefault(str(int(s[t])), dict(logprob=lp[t], rank=None, decoded_token=None))
-      plp.append(entry)
-    choices.append(dict(index=i, text='', logprobs=None, finish_reason='length',
-                        stop_reason=None, prompt_logprobs=plp, prompt_token_ids=s.tolist()))
-  n = sum(len(s) for s in seqs)
-  return dict(id=f'cmpl-{time.time_ns():x}', object='text_completion', created=int(time.time()),
-              model=body.get('model') or engine.model_path, choices=choices,
-              usage=dict(prompt_tokens=n, completion_tokens=0, total_tokens=n))
+  """vLLM's /v1/completions with prompt_logprobs, scoring only (`wire.parse_completions`,
+  `wire.completions_response`)."""
+  req = wire.parse_completions(body, lambda v, where: _sequences(v, where, engine))
+  results = engine.score(req.seqs, temperature=req.temperature, top_k=req.top_k,
+                         timeout_s=timeout_s)
+  return wire.completions_response(req, results, body.get('model') or engine.model_path)
 
 
 # ------------------------------------------------------------------------------ HTTP
 def make_handler(engine: ScoringEngine, request_timeout_s: float):
-  routes = {'/generate': handle_generate, '/v1/completions': handle_completions}
+  routes = {wire.PATHS['sglang']: handle_generate, wire.PATHS['vllm']: handle_completions}
 
   class Handler(BaseHTTPRequestHandler):
     server_version = 'opd_jax-teacher/1'
@@ -514,7 +444,7 @@ def serve(engine: ScoringEngine, host: str, port: int, request_timeout_s: float)
 
 def main(argv=None):
   ap = argparse.ArgumentParser(
-      prog='python -m opd_jax.serve_teacher', description=__doc__,
+      prog='python -m opd_jax.teachers.server', description=__doc__,
       formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument('--model', required=True, help='HF checkpoint directory or tiny:FAMILY[:k=v,...]')
   ap.add_argument('--mesh', type=parse_mesh, default={'fsdp': -1, 'tensor': 1},

@@ -1,8 +1,8 @@
 """Ahead-of-time compile check: will a recipe fit on a TPU slice before one is booked?
 
-  python -m opd_jax.aot --config configs/opd_single_teacher.py --topology v5e-16
-  python -m opd_jax.aot --config configs/opd_single_teacher.py:runlocal     # 8 fake CPU devices
-  python -m opd_jax.aot --config configs/opd_multi_teacher.py --topology v5p-64 \
+  python -m opd_jax.tools.aot --config configs/opd_single_teacher.py --topology v5e-16
+  python -m opd_jax.tools.aot --config configs/opd_single_teacher.py:runlocal  # 8 fake CPU devices
+  python -m opd_jax.tools.aot --config configs/opd_multi_teacher.py --topology v5p-64 \
       --config.rollout.max_new_tokens=4096
 
 Compiles (lowers and compiles, never runs, loads no weights) every jitted function of one
@@ -13,7 +13,7 @@ and batch shapes:
                                    data.max_prompt_len, N = rollout.max_new_tokens);
   rollout/refill, rollout/segment, rollout/compact
                                    instead, when rollout.slots > 0 and B exceeds the slots:
-                                   the continuous-batching sampler (opd_jax.continuous) over
+                                   the continuous-batching sampler (opd_jax.rollout.continuous) over
                                    R slots, its refill at the first fill's row bucket;
   score/<teacher>                  each in-process teacher on its own mesh (all B rows routed
                                    to it: the worst case), and score/reference for G-OPD;
@@ -57,13 +57,13 @@ import jax.numpy as jnp
 from jax._src import xla_bridge  # backends_are_initialized(): no public equivalent
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from opd_jax import builder
+from opd_jax.training import builder
 from opd_jax import sharding as shd
-from opd_jax.builder import ConfigError, ModelSource
+from opd_jax.training.builder import ConfigError, ModelSource
 from opd_jax.buckets import DEFAULT_PROMPT_BUCKETS, batch_bucket
 from opd_jax.buckets import bucket as prompt_bucket
-from opd_jax.sampling import SamplingParams
-from opd_jax.teachers import LocalTeacher
+from opd_jax.rollout.decode import SamplingParams
+from opd_jax.teachers.local import LocalTeacher
 
 GiB = 2**30
 
@@ -173,7 +173,7 @@ def cpu_target(n: int, topo: Topology | None) -> Target:
   devices = jax.devices('cpu')
   if len(devices) != n:
     raise AotError(f'the CPU estimate needs {n} CPU devices but JAX has {len(devices)}; run '
-                   f'`python -m opd_jax.aot` (it sets XLA_FLAGS=--xla_force_host_platform_'
+                   f'`python -m opd_jax.tools.aot` (it sets XLA_FLAGS=--xla_force_host_platform_'
                    f'device_count={n} before JAX starts)')
   what = f'{topo.name}-shaped ' if topo else ''
   return Target(devices, 'cpu-estimate',
@@ -319,7 +319,7 @@ def _frozen(r) -> list:
 
 def check_config(config, target: Target, *, log=print) -> dict:
   """Compiles one training step of `config` for `target`, exactly as the trainer builds it
-  (opd_jax.builder.build_run, without weights); returns the report dict."""
+  (opd_jax.training.builder.build_run, without weights); returns the report dict."""
   mesh = shd.make_mesh(dict(config.mesh), devices=target.devices)
   r = builder.build_run(config, mesh, abstract=True, devices=target.devices)
   rows, p_len, seq, notes = _shapes(config, r)
@@ -471,7 +471,7 @@ def _fmt(b: int) -> str:
 def format_report(rep: dict, config_name: str) -> str:
   """The report as a table: one row per compiled function, per-device bytes."""
   hbm = rep['hbm_per_device']
-  lines = [f'opd_jax.aot {config_name}',
+  lines = [f'opd_jax.tools.aot {config_name}',
            f'  target   {rep["label"]}',
            f'  HBM      {_fmt(hbm) + " per device" if hbm else "no limit (no --topology)"}',
            f'  mesh     {" ".join(f"{k}={v}" for k, v in rep["mesh"].items())}']
@@ -543,7 +543,7 @@ def _use_cpu_devices(n: int, argv: list[str]) -> None:
   env['XLA_FLAGS'] = (re.sub(r'--xla_force_host_platform_device_count=\d+', '',
                              env.get('XLA_FLAGS', '')) +
                       f' --xla_force_host_platform_device_count={n}').strip()
-  sys.exit(subprocess.call([sys.executable, '-m', 'opd_jax.aot', *argv, '--backend=cpu',
+  sys.exit(subprocess.call([sys.executable, '-m', 'opd_jax.tools.aot', *argv, '--backend=cpu',
                             f'--num_devices={n}'], env=env))
 
 
@@ -579,7 +579,7 @@ def run(config, *, topology: str | None = None, backend: str = 'auto', num_devic
   if target is None:
     _use_cpu_devices(n_cpu, argv)
     target = cpu_target(n_cpu, topo)
-  log(f'opd_jax.aot: compiling one training step for {target.label}')
+  log(f'opd_jax.tools.aot: compiling one training step for {target.label}')
   rep = check_config(config, target, log=log)
   log(format_report(rep, _config_name(argv)))
   return rep

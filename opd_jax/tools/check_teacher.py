@@ -1,6 +1,6 @@
 """Pre-flight check of a run's student and teachers, before a run is booked.
 
-  python -m opd_jax.check_teacher --config configs/opd_single_teacher.py:runlocal \
+  python -m opd_jax.tools.check_teacher --config configs/opd_single_teacher.py:runlocal \
       [--num-prompts 16] [--local-copy teacher=/ckpt/Qwen3-8B] [--strict] [--config.x=y ...]
 
 With the trainer's own pieces (builder.build_run / make_teacher, the run's sampler and cast,
@@ -26,13 +26,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from opd_jax import builder, steps, tiny
+from opd_jax.training import builder
+from opd_jax.training import batches as steps
+from opd_jax.models import tiny
 from opd_jax import data as data_lib
-from opd_jax import update as update_lib
-from opd_jax.remote import tokenizer_fingerprint
-from opd_jax.sampling import Sampler
-from opd_jax.scoring import map_vocab_chunks
-from opd_jax.teachers import TeacherSpec, route_matrix, score_teachers
+from opd_jax.training import update as update_lib
+from opd_jax.teachers.remote import tokenizer_fingerprint
+from opd_jax.rollout.sampler import Sampler
+from opd_jax.teachers.scoring import map_vocab_chunks
+from opd_jax.teachers.local import TeacherSpec, route_matrix, score_teachers
 
 WARN_FRACTION = 0.1
 DTYPES = ('float32', 'bfloat16')

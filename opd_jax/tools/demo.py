@@ -1,6 +1,6 @@
 """The CPU demo, end to end from nothing:
 
-  python -m opd_jax.demo --workdir runs/demo
+  python -m opd_jax.tools.demo --workdir runs/demo
 
 1. writes the synthetic addition task (clean and noisy training sets, held-out eval set);
 2. trains a teacher by SFT on clean solutions;
@@ -21,8 +21,8 @@ import json
 import os
 import time
 
-_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs',
-                       'demo_arithmetic.py')
+_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_CONFIG = os.path.join(_ROOT, 'configs', 'demo_arithmetic.py')
 
 
 def _stage_config(stage: str, paths: dict, tiny: bool):

@@ -1,21 +1,20 @@
-"""Jitted glue between the rollout, the teachers and the update, and SFT batch building.
+"""Batch glue of the trainer: a rollout as [B, T] arrays, the KL metrics of a batch, SFT batches.
+(The per-token advantages: `opd_jax.objectives.advantages`.)
 
 Legend (docs/design.md §7): B rows, P prompt slots, N response slots, T = P + N, J teachers.
 """
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from opd_jax import losses
 from opd_jax import sharding as shd
 from opd_jax.buckets import bucket, left_pad
-from opd_jax.sampling import Rollout
+from opd_jax.rollout.sampler import Rollout
 
 
 @jax.jit
@@ -26,45 +25,6 @@ def rollout_arrays(rollout: Rollout):
   loss_mask = jnp.concatenate([zeros, rollout.mask], axis=1)
   s_b = jnp.concatenate([zeros.astype(jnp.float32), rollout.logprobs], axis=1)
   return tokens, attn, loss_mask, s_b
-
-
-@functools.partial(jax.jit, static_argnames=('mode', 'estimator', 'clamp', 'reward_scale'))
-def advantages(s_b_BxT, t_JxBxT, r_BxT, kl_coef_J, route_BxJ, loss_mask_BxT, outcome_B, *,
-               mode: str, estimator: str = 'k1', clamp: float | None = None,
-               reward_scale: float = 1.0):
-  """Per-token advantages and the k1 reverse-KL bookkeeping for metrics.
-
-  mode: 'opd' (−Σ c route KL), 'gopd' (λ(t − r) − (s_b − r) per routed teacher), or 'none'
-  (no teacher term); `outcome_B` (or None) adds an outcome-reward advantage (mixed / RL).
-  Returns (adv [B, T] zero off the loss mask, kl_sum [J, B], kl_count [J, B]): per teacher
-  and row, the sum of k1 KL (s_b − t) over routed response tokens and their number.
-  """
-  m = loss_mask_BxT.astype(jnp.float32)
-  if mode == 'opd':
-    adv, _ = losses.opd_advantage(s_b_BxT, t_JxBxT, kl_coef_J, route_BxJ, estimator=estimator,
-                                  clamp=clamp)
-  elif mode == 'gopd':
-    adv, _ = losses.gopd_advantage(s_b_BxT, t_JxBxT, r_BxT, kl_coef_J, route_BxJ, reward_scale)
-  elif mode == 'none':
-    adv = jnp.zeros_like(s_b_BxT)
-  else:
-    raise ValueError(f'unknown advantage mode {mode!r}')
-  if outcome_B is not None:
-    adv = losses.mixed_advantage(outcome_B, adv, loss_mask_BxT)
-  adv = jnp.where(m > 0, adv, 0.0)
-  routed = route_BxJ.T[:, :, None] * m[None]                 # [J, B, T]
-  kl1 = jnp.where(routed > 0, s_b_BxT[None] - t_JxBxT, 0.0)
-  return adv, kl1.sum(-1), routed.sum(-1)
-
-
-@jax.jit
-def k3_sum(s_b_BxT, t_JxBxT, route_BxJ, loss_mask_BxT):
-  """Σ over routed response tokens of the k3 estimate exp(t − s_b) − (t − s_b) − 1, per
-  teacher and row [J, B]: a lower-variance estimate of the KL value, for metrics only (as an
-  advantage its policy gradient is not that of the reverse KL; docs/design.md §3.1)."""
-  routed = route_BxJ.T[:, :, None] * loss_mask_BxT.astype(jnp.float32)[None]
-  k3 = losses.reverse_kl(s_b_BxT[None], t_JxBxT, 'k3')
-  return jnp.where(routed > 0, k3, 0.0).sum(-1)
 
 
 def kl_metrics(kl_sum_JxB: np.ndarray, kl_count_JxB: np.ndarray, tags: Sequence[str],

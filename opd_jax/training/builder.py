@@ -1,5 +1,5 @@
 """One way to build a run: the models, the jitted steps with their shardings and the stop
-ids, shared by the trainer (`opd_jax.train`) and the ahead-of-time check (`opd_jax.aot`), so
+ids, shared by the trainer (`opd_jax.train`) and the ahead-of-time check (`opd_jax.tools.aot`), so
 that the AOT check compiles exactly what the trainer runs.
 
   build_run(config, mesh, tokenizer=...)          the trainer's Run: weights loaded
@@ -7,7 +7,7 @@ that the AOT check compiles exactly what the trainer runs.
                                                   ShapeDtypeStructs, no weights
 
 The checks that need no weights (validate, check_model_paths, check_signal, check_resume)
-are opd_jax/checks.py; they are re-exported here.
+are opd_jax/training/checks.py; they are re-exported here.
 """
 
 from __future__ import annotations
@@ -23,17 +23,19 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from opd_jax import losses
-from opd_jax import lora as lora_lib
+from opd_jax.objectives import losses
+from opd_jax.models import lora as lora_lib
 from opd_jax import sharding as shd
-from opd_jax import tiny
-from opd_jax.checks import (RESUMABLE_FIELDS, ConfigError, batch_rows, check_model_paths,
+from opd_jax.models import tiny
+from opd_jax.training.checks import (RESUMABLE_FIELDS, ConfigError, batch_rows, check_model_paths,
                             check_resume, check_signal, teacher_specs, validate)
 from opd_jax.models import Decoder, load_pretrained, read_hf_config
 from opd_jax.models.presets import PRESETS, preset_config, preset_name
-from opd_jax.sampling import Sampler, SamplingParams
-from opd_jax.teachers import LocalTeacher, Teacher, TeacherSpec, teacher_mesh
-from opd_jax.update import LossSpec, make_optimizer, make_train_state, make_update_fn
+from opd_jax.rollout.decode import SamplingParams
+from opd_jax.rollout.sampler import Sampler
+from opd_jax.teachers.local import LocalTeacher, Teacher, TeacherSpec, teacher_mesh
+from opd_jax.training.specs import lora_spec
+from opd_jax.training.update import LossSpec, make_optimizer, make_train_state, make_update_fn
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +81,7 @@ def update_batch_spec(config, mesh, rows: int, seq: int, *, teacher_unembed=None
   batch-sharded on `mesh` (fields by the loss: SFT, 'pg', top-k distillation; for the exact
   / student-top-k options the teacher's hidden states and `teacher_unembed`, by default a
   ShapeDtypeStruct from the teacher's architecture, sharded like an LM head)."""
-  from opd_jax.update import UpdateBatch
+  from opd_jax.training.update import UpdateBatch
   bsh = shd.batch_sharding(mesh, 2)
 
   def sds(shape, dtype, sh=bsh):
@@ -170,7 +172,7 @@ def make_teacher(spec: TeacherSpec, *, student_mesh, student_tokenizer=None, top
   if spec.remote_url:
     if abstract:
       return _RemoteInAot(spec)
-    from opd_jax.remote import RemoteTeacher
+    from opd_jax.teachers.remote import RemoteTeacher
     return RemoteTeacher(spec, student_tokenizer=student_tokenizer, mesh=student_mesh,
                          top_k=top_k, temperature=temperature)
   if abstract:
@@ -289,7 +291,7 @@ class Run:
 
 def build_run(config, mesh, *, tokenizer=None, abstract: bool = False, devices=None) -> Run:
   """The run's models and jitted steps. `abstract`: no weights (ShapeDtypeStructs with their
-  shardings, architectures from config.json or presets), for `opd_jax.aot`; `devices`: the
+  shardings, architectures from config.json or presets), for `opd_jax.tools.aot`; `devices`: the
   devices teacher slices are taken from (the AOT target's)."""
   validate(config, mesh)
   notes: list[str] = []
@@ -301,7 +303,7 @@ def build_run(config, mesh, *, tokenizer=None, abstract: bool = False, devices=N
   with_hidden = losses.needs_teacher_hidden(config.loss.full_vocab)
   temperature = float(config.rollout.temperature)
   # ------------------------------------------------------------------------ student
-  lora = lora_lib.spec_from_config(config)
+  lora = lora_spec(config)
   # A LoRA student's frozen base is held in the compute dtype (never updated, so no float32
   # master copy); a fully trained student's parameters are float32.
   student_dtype = jnp.float32 if lora is None else jnp.dtype(config.student.compute_dtype)

@@ -19,10 +19,11 @@ import re
 
 import jax
 
-from opd_jax import advantages as adv_lib
-from opd_jax import losses
+from opd_jax.objectives import estimators as adv_lib
+from opd_jax.objectives import losses
 from opd_jax import sharding as shd
-from opd_jax.teachers import TeacherSpec
+from opd_jax.teachers.local import TeacherSpec
+from opd_jax.training.specs import teacher_spec
 
 
 class ConfigError(ValueError):
@@ -128,7 +129,7 @@ def validate_lora(lc) -> None:
 
 def teacher_specs(config) -> list[TeacherSpec]:
   try:
-    return [TeacherSpec.from_config(n, t) for n, t in config.teachers.items()]
+    return [teacher_spec(n, t) for n, t in config.teachers.items()]
   except ValueError as e:
     raise ConfigError(str(e)) from None
 

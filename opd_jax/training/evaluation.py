@@ -15,15 +15,9 @@ import numpy as np
 
 from opd_jax import rewards as rewards_lib
 from opd_jax import sharding as shd
-from opd_jax import steps
-from opd_jax.data import Record
-from opd_jax.sampling import SamplingParams
-
-
-def record_dict(r: Record) -> dict:
-  """The plain dict the reward functions read (ROLL's field names)."""
-  return {**r.extra, 'id': r.id, 'tag': r.tag, 'ground_truth': r.ground_truth,
-          'test_cases': r.test_cases, 'messages': r.messages}
+from opd_jax.training import batches as steps
+from opd_jax.data import Record, record_dict
+from opd_jax.rollout.decode import SamplingParams
 
 
 def decode_responses(tokenizer, tokens_BxN, mask_BxN) -> list[str]:

@@ -15,7 +15,7 @@ Conventions
     masking (`where`), biases, residual adds, SiLU and the gate product, the embedding
     gather, the sampler's top-k / top-p / Gumbel draws and the optimizer (AdamW is ~10-20
     elementwise FLOPs per parameter per update, once per step, not per token). For the tiny
-    model of tests/test_compute.py (D = 128, E = 32) they are 1.5-3.4 % of what XLA's cost
+    model of tests/training/test_flops.py (D = 128, E = 32) they are 1.5-3.4 % of what XLA's cost
     analysis reports (measured there); they shrink roughly as 1 / D and 1 / E, so for real
     models (D >= 1024, E = 128) they are ~1 % or less.
   * Causal attention: query i (0-based, of a row's real tokens) attends i + 1 keys, itself
@@ -35,7 +35,7 @@ Two accounting modes:
            [T, S] score matrices (masked positions are computed, then discarded), the
            vocabulary chunks of `scoring.map_vocab_chunks` padded to whole chunks, the decode
            loop's N (or `steps`) iterations over all B rows and all S = P + N cache slots.
-           These are what `tests/test_compute.py` checks against XLA's cost analysis.
+           These are what `tests/training/test_flops.py` checks against XLA's cost analysis.
 
 Phase by phase (what the code computes):
   rollout   prefill of the prompt (logits of its last position only), then one decode step
@@ -54,8 +54,9 @@ from collections.abc import Mapping
 
 import numpy as np
 
-# Mirrors of `opd_jax.models.decoder.QUERY_BLOCK` and `opd_jax.scoring.DEFAULT_LOGITS_BUDGET`
-# (kept here so this module needs no JAX; tests/test_compute.py checks that they agree).
+# Mirrors of `opd_jax.models.decoder.QUERY_BLOCK` and
+# `opd_jax.teachers.scoring.DEFAULT_LOGITS_BUDGET`
+# (kept here so this module needs no JAX; tests/training/test_flops.py checks that they agree).
 QUERY_BLOCK = 512
 DEFAULT_LOGITS_BUDGET = 2**28
 
@@ -170,7 +171,7 @@ def update_flops(cfg, seq_lens, *, remat: bool) -> int:
   3 x the scoring forward (backward = 2 x forward); with `remat` the backward pass first
   recomputes each layer's forward, except its MLP down projection: that output is the next
   layer's (saved) input, which the backward never needs, so XLA removes it as dead code
-  (about 4 x forward, a little less; measured in tests/test_compute.py).
+  (about 4 x forward, a little less; measured in tests/training/test_flops.py).
   """
   n = _ints(seq_lens)
   parts = forward_breakdown(cfg, int(n.sum()), int(_causal_pairs(n).sum()),
@@ -211,7 +212,7 @@ def streamed_loss_flops(student_cfg, teacher_cfg, seq_lens, option) -> int:
 # ------------------------------------------------------------------------- executed FLOPs
 def auto_chunk_size(batch: int, length: int, vocab: int,
                     budget_bytes: int = DEFAULT_LOGITS_BUDGET) -> int:
-  """Same as `opd_jax.scoring.auto_chunk_size` (positions per vocabulary chunk)."""
+  """Same as `opd_jax.teachers.scoring.auto_chunk_size` (positions per vocabulary chunk)."""
   c = max(1, budget_bytes // max(1, batch * vocab * 4))
   c = 1 << (c.bit_length() - 1)
   return int(min(c, max(1, length)))
@@ -230,7 +231,7 @@ def padded_forward_flops(cfg, batch: int, length: int) -> int:
 
 
 def padded_prefill_flops(cfg, batch: int, prompt_slots: int) -> int:
-  """Executed FLOPs of `sampling._prefill` on [B, P]: [P, P] scores, logits of slot P - 1."""
+  """Executed FLOPs of `rollout.decode.prefill` on [B, P]: [P, P] scores, logits of slot P - 1."""
   return _forward(cfg, batch * prompt_slots, batch * prompt_slots**2, batch)
 
 
@@ -242,7 +243,7 @@ def padded_decode_step_flops(cfg, batch: int, cache_slots: int) -> int:
 
 def padded_decode_flops(cfg, batch: int, prompt_slots: int, max_new_tokens: int, *,
                         steps: int | None = None) -> int:
-  """Executed FLOPs of `sampling._decode`: `steps` loop iterations (the rollout's
+  """Executed FLOPs of `rollout.sampler._decode`: `steps` loop iterations (the rollout's
   `decode_steps`; default N, the loop exits early once every row is done)."""
   steps = max_new_tokens if steps is None else int(steps)
   return steps * padded_decode_step_flops(cfg, batch, prompt_slots + max_new_tokens)

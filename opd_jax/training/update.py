@@ -30,9 +30,9 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from opd_jax import losses
+from opd_jax.objectives import losses
 from opd_jax import policy as policy_lib
-from opd_jax.scoring import map_vocab_chunks, split_rows
+from opd_jax.teachers.scoring import map_vocab_chunks, split_rows
 
 SCHEDULES = {
     'constant': lambda lr, total, warmup: optax.constant_schedule(lr),

@@ -7,11 +7,11 @@ import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _tiny_pair(tmp_path):
-  from opd_jax.tiny import build_char_tokenizer, make_tiny_checkpoint
+  from opd_jax.models.tiny import build_char_tokenizer, make_tiny_checkpoint
   tok = build_char_tokenizer(vocab_size=256)
   s = make_tiny_checkpoint(str(tmp_path / 's'), hidden_size=32, num_layers=1, num_heads=2,
                            num_kv_heads=1, tokenizer=tok, seed=0)

@@ -18,7 +18,7 @@ def _write(path, lines):
 
 @pytest.fixture(scope='module')
 def tok():
-  from opd_jax.tiny import build_char_tokenizer
+  from opd_jax.models.tiny import build_char_tokenizer
   return build_char_tokenizer()
 
 
@@ -261,7 +261,7 @@ def test_host_slices_concatenate_to_the_global_batch():
 
 # ------------------------------------------------------------------------- tokenizers
 def test_tokenizer_mismatch_names_the_first_differing_token():
-  from opd_jax.tiny import DEFAULT_CHARS, SPECIAL_TOKENS, build_char_tokenizer
+  from opd_jax.models.tiny import DEFAULT_CHARS, SPECIAL_TOKENS, build_char_tokenizer
   student = build_char_tokenizer()
   data.check_tokenizers_match(student, build_char_tokenizer())  # identical: fine
   swapped = string.ascii_letters + string.digits + string.punctuation + ' \n'

@@ -24,6 +24,7 @@ def test_chain_task_checker_and_splits(tmp_path):
   assert not sets['val'] & sets['eval']
 
 
+@pytest.mark.e2e
 def test_quick_pipeline_runs_and_flops_add_up(tmp_path, capsys):
   from opd_jax.experiments import compute_efficiency as ce
   summary = ce.run_experiment(str(tmp_path), seed=0, quick=True)
@@ -85,6 +86,7 @@ def test_subtraction_task_and_facts():
   assert all(r['response'] == f'#### {r["ground_truth"]}' for r in fs)
 
 
+@pytest.mark.e2e
 def test_gopd_quick_pipeline_runs(tmp_path, capsys):
   from opd_jax.experiments import gopd
   summary = gopd.run_experiment(str(tmp_path), seed=0, quick=True)
@@ -103,6 +105,7 @@ def test_gopd_quick_pipeline_runs(tmp_path, capsys):
   assert os.path.exists(tmp_path / 'agg' / 'aggregate.md')
 
 
+@pytest.mark.e2e
 def test_continual_quick_pipeline_runs(tmp_path, capsys):
   from opd_jax.experiments import continual
   summary = continual.run_experiment(str(tmp_path), seed=0, quick=True)
@@ -115,6 +118,7 @@ def test_continual_quick_pipeline_runs(tmp_path, capsys):
   continual.aggregate([str(tmp_path), str(tmp_path)], str(tmp_path / 'agg'))
 
 
+@pytest.mark.e2e
 def test_divergences_quick_pipeline_runs(tmp_path, capsys):
   from opd_jax.experiments import divergences as dv
   summary = dv.run_experiment(str(tmp_path), seed=0, quick=True)

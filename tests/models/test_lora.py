@@ -1,4 +1,4 @@
-"""LoRA students (opd_jax/lora.py, docs/design.md §9): the adapted forward equals the merged
+"""LoRA students (opd_jax/models/lora.py, docs/design.md §9): the adapted forward equals the merged
 weights, the PEFT export loads with the `peft` package on the transformers model and gives
 the same logits, the update trains and holds only the adapters, and bad settings name the
 field."""
@@ -13,12 +13,12 @@ import pytest
 from flax import nnx
 
 from _util import torch_logits
-from opd_jax import lora
-from opd_jax.builder import ConfigError, build_run, validate
+from opd_jax.models import lora
+from opd_jax.training.builder import ConfigError, build_run, validate
 from opd_jax.config_lib import LORA_TARGETS
 from opd_jax.models import load_pretrained, save_pretrained
 from opd_jax.models.decoder import LoraSpec
-from opd_jax.update import LossSpec, make_optimizer, make_train_state, make_update_fn
+from opd_jax.training.update import LossSpec, make_optimizer, make_train_state, make_update_fn
 
 SPEC = LoraSpec(rank=4, alpha=8.0, targets=LORA_TARGETS)
 IDS = np.array([[5, 17, 3, 99, 42, 7, 64, 1, 120, 33], [8, 8, 2, 77, 15, 100, 3, 9, 11, 54]],
@@ -174,7 +174,7 @@ def test_abstract_run_shards_adapters_like_their_weights():
 def test_checkpoint_round_trip_of_the_adapter_state(hf_checkpoints, tmp_path):
   """A LoRA run's checkpoint holds the adapters and their moments only (the base is
   reloaded from student.model) and restores exactly."""
-  from opd_jax.checkpoint import Checkpointer
+  from opd_jax.training.checkpoint import Checkpointer
   from test_update import OPTIM
   _, _, base, adapters = _adapted(hf_checkpoints['qwen3'])
   tx, _ = make_optimizer(OPTIM, total_steps=10)

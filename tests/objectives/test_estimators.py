@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from opd_jax import advantages as adv
+from opd_jax.objectives import estimators as adv
 
 P, G = 5, 4
 RNG = np.random.RandomState(0)

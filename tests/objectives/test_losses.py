@@ -1,4 +1,5 @@
-"""The OPD math (opd_jax/losses.py) against independent plain-NumPy references in float64.
+"""The OPD math (opd_jax/objectives/losses.py) against independent plain-NumPy references in
+float64.
 
 Inputs are float32, so values are compared at rtol/atol 1e-5 unless a test says otherwise.
 """
@@ -10,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from opd_jax import losses as L
+from opd_jax.objectives import losses as L
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 B, T, J, V = 4, 7, 3, 11

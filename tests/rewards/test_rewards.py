@@ -21,7 +21,7 @@ from opd_jax import rewards
 from opd_jax.rewards import code as code_mod
 from opd_jax.rewards.sandbox import network_namespace_prefix, run_python
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.fixture(autouse=True)

@@ -1,4 +1,4 @@
-"""Continuous batching (`Sampler(..., slots=R)`, opd_jax/continuous.py): the same draws as
+"""Continuous batching (`Sampler(..., slots=R)`, opd_jax/rollout/continuous.py): the same draws as
 the static sampler for the same per-request keys, stop handling, refill order, one response
 per request, cache compaction, and sharded slots equal to one device."""
 
@@ -10,7 +10,8 @@ from flax import nnx
 
 from opd_jax import sharding as shd
 from opd_jax.models import load_pretrained
-from opd_jax.sampling import DecodeState, Sampler, SamplingParams
+from opd_jax.rollout.decode import DecodeState, SamplingParams
+from opd_jax.rollout.sampler import Sampler
 
 STOP = 5
 N = 16

@@ -1,4 +1,4 @@
-"""Multi-turn (agentic) rollouts (opd_jax/multiturn.py, opd_jax/envs/): continuing from the
+"""Multi-turn (agentic) rollouts (opd_jax/rollout/multiturn.py, opd_jax/envs/): continuing from the
 KV cache equals re-prefilling the whole context, observation tokens never enter the loss or
 the KL metrics, a failing tool or environment ends only its own episode, the environments
 themselves, config errors, and the :runlocal recipe end to end."""
@@ -14,15 +14,20 @@ import pytest
 from flax import nnx
 
 from opd_jax import envs as envs_lib
-from opd_jax import multiturn, steps, tiny
+from opd_jax.rollout import multiturn
+from opd_jax.training import episodes
+from opd_jax.objectives import advantages as token_adv
+from opd_jax.training import batches as steps
+from opd_jax.models import tiny
 from opd_jax import sharding as shd
 from opd_jax import data as data_lib
-from opd_jax.builder import ConfigError
+from opd_jax.training.builder import ConfigError
 from opd_jax.models import load_pretrained
-from opd_jax.teachers import LocalTeacher, TeacherSpec, route_matrix, score_teachers
-from opd_jax.update import LossSpec, UpdateBatch, make_optimizer, make_train_state, make_update_fn
+from opd_jax.teachers.local import LocalTeacher, TeacherSpec, route_matrix, score_teachers
+from opd_jax.training.update import (LossSpec, UpdateBatch, make_optimizer, make_train_state,
+                                     make_update_fn)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 STUDENT = 'tiny:qwen3:hidden_size=32,num_layers=2,num_heads=2,num_kv_heads=1,seed=0'
 TEACHER = 'tiny:qwen3:hidden_size=64,num_layers=2,num_heads=4,num_kv_heads=2,seed=1'
 
@@ -127,10 +132,10 @@ def test_env_tokens_never_enter_loss_or_kl(student, guess_episodes):
   for teacher in (plain, NegInfOnEnv()):
     t, _ = score_teachers([teacher], tokens, attn, route, count=False,
                           out_sharding=tokens.sharding)
-    adv, kl_sum, kl_cnt = steps.advantages(s_b, t, None, coef, jnp.asarray(route), lmask, None,
+    adv, kl_sum, kl_cnt = token_adv.advantages(s_b, t, None, coef, jnp.asarray(route), lmask, None,
                                            mode='opd')
     kl = steps.kl_metrics(np.asarray(kl_sum), np.asarray(kl_cnt), tags, ['teacher'])
-    k3 = steps.k3_sum(s_b, t, jnp.asarray(route), lmask)
+    k3 = token_adv.k3_sum(s_b, t, jnp.asarray(route), lmask)
     state = make_train_state(jax.tree.map(jnp.copy, params), tx)
     _, m = update(state, UpdateBatch(tokens, attn, lmask, behaviour_logprobs=s_b,
                                      advantages=adv))
@@ -261,9 +266,10 @@ def _config(**agent):
 ])
 def test_config_errors_name_the_field(agent, match):
   with pytest.raises(ConfigError, match=match):
-    multiturn.validate_config(_config(**agent))
+    episodes.validate_config(_config(**agent))
 
 
+@pytest.mark.e2e
 def test_runlocal_recipe_runs_two_steps_of_multi_turn_episodes(tmp_path):
   from opd_jax.train import run
   result = run(_config(), str(tmp_path))

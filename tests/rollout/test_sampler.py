@@ -1,6 +1,6 @@
 """The jitted sampler: logprob consistency with scoring, greedy parity with transformers,
 sampling statistics, per-request keys, truncation, stop tokens, bucketing and sharded
-determinism. (Continuous batching: tests/test_continuous.py.)"""
+determinism. (Continuous batching: tests/rollout/test_continuous.py.)"""
 
 import jax
 import jax.numpy as jnp
@@ -10,8 +10,10 @@ from flax import nnx
 
 from opd_jax import sharding as shd
 from opd_jax.models import load_pretrained
-from opd_jax.sampling import Sampler, SamplingParams, batch_bucket, bucket
-from opd_jax.scoring import make_score_fn
+from opd_jax.buckets import batch_bucket, bucket
+from opd_jax.rollout.decode import SamplingParams
+from opd_jax.rollout.sampler import Sampler
+from opd_jax.teachers.scoring import make_score_fn
 
 PROMPTS = [[5, 17, 3, 99, 42, 8, 1], [77, 12], [9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 2], [64]]
 

@@ -9,11 +9,13 @@ import pytest
 from flax import nnx
 
 from opd_jax import sharding as shd
-from opd_jax import steps, tiny
+from opd_jax.objectives import advantages as token_adv
+from opd_jax.training import batches as steps
+from opd_jax.models import tiny
 from opd_jax.models import load_pretrained
-from opd_jax.sampling import batch_bucket
-from opd_jax.scoring import make_score_fn
-from opd_jax.teachers import LocalTeacher, TeacherSpec, route_matrix, score_teachers
+from opd_jax.buckets import batch_bucket
+from opd_jax.teachers.scoring import make_score_fn
+from opd_jax.teachers.local import LocalTeacher, TeacherSpec, route_matrix, score_teachers
 from test_train import load_config, with_overrides
 
 TAGS = ['math', 'code', 'general', 'math', 'poetry', 'code', 'math', 'general']
@@ -90,7 +92,7 @@ def test_advantage_routing_and_unrouted_records(teachers):
   t, _ = score_teachers(ts[:2], *dev, route, host_mask_BxT=mask, out_sharding=dev[0].sharding)
   s_b = jnp.asarray(np.random.RandomState(1).randn(8, 20).astype(np.float32) - 2) * lmask
   coef = jnp.asarray([1.0, 0.5])
-  adv, kl_sum, kl_cnt = steps.advantages(s_b, t, None, coef, jnp.asarray(route),
+  adv, kl_sum, kl_cnt = token_adv.advantages(s_b, t, None, coef, jnp.asarray(route),
                                          jnp.asarray(lmask), None, mode='opd')
   adv, t, s_b = np.asarray(adv), np.asarray(t), np.asarray(s_b)
   for i, tag in enumerate(TAGS):
@@ -120,7 +122,7 @@ def test_multi_teacher_trainer_counts_tokens_per_teacher(tmp_path):
 
 def test_vocabulary_mismatch_names_the_first_differing_token(tmp_path):
   from opd_jax.data import VocabMismatchError
-  from opd_jax.tiny import build_char_tokenizer, make_tiny_checkpoint
+  from opd_jax.models.tiny import build_char_tokenizer, make_tiny_checkpoint
   from opd_jax.train import run
   other = make_tiny_checkpoint(str(tmp_path / 'teacher'), tokenizer=build_char_tokenizer(
       chars='0123456789+-=#abcdefghijklmnopqrstuvwxyz \n'))

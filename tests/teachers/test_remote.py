@@ -1,4 +1,4 @@
-"""The remote teacher: opd_jax.serve_teacher as a real process on 127.0.0.1 and the
+"""The remote teacher: opd_jax.teachers.server as a real process on 127.0.0.1 and the
 RemoteTeacher client against it (SGLang and vLLM protocols) compared with in-process scoring,
 the trainer with its teacher remote, dynamic batching, and faults (no server, a killed
 server, a slow server, HTTP 5xx / 400, vocabulary mismatch). Every wait is bounded and every
@@ -22,13 +22,13 @@ import pytest
 
 from opd_jax import sharding as shd
 from opd_jax.data import VocabMismatchError
-from opd_jax.remote import RemoteTeacher, RemoteTeacherError
-from opd_jax.teachers import LocalTeacher, TeacherSpec
-from opd_jax.tiny import build_char_tokenizer, resolve_model
+from opd_jax.teachers.remote import RemoteTeacher, RemoteTeacherError
+from opd_jax.teachers.local import LocalTeacher, TeacherSpec
+from opd_jax.models.tiny import build_char_tokenizer, resolve_model
 from opd_jax.train import run
 from test_train import load_config, with_overrides
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 from configs._local import TINY_TEACHER  # noqa: E402
 
@@ -36,14 +36,14 @@ START_TIMEOUT_S = 180
 
 
 class ServerProcess:
-  """`python -m opd_jax.serve_teacher --port 0 ...`; `url` once it prints its address."""
+  """`python -m opd_jax.teachers.server --port 0 ...`; `url` once it prints its address."""
 
   def __init__(self, model, *args, devices=None):
     env = dict(os.environ)
     if devices:
       env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
     self.proc = subprocess.Popen(
-        [sys.executable, '-u', '-m', 'opd_jax.serve_teacher', '--model', model, '--port', '0',
+        [sys.executable, '-u', '-m', 'opd_jax.teachers.server', '--model', model, '--port', '0',
          *args], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     self.lines, self._urls = [], queue.Queue()
     threading.Thread(target=self._read, daemon=True).start()

@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 from opd_jax.models import Decoder, ModelConfig, load_pretrained
-from opd_jax.scoring import auto_chunk_size, make_score_fn, score_model
+from opd_jax.teachers.scoring import auto_chunk_size, make_score_fn, score_model
 
 IDS = np.random.RandomState(3).randint(0, 128, size=(3, 21)).astype(np.int32)
 MASK = np.ones_like(IDS)
@@ -119,7 +119,7 @@ def test_row_groups_respect_the_data_axes_and_cut_memory():
   """On 8 devices, 32 rows in 4 groups of 8 (one row per device per group) need about a
   quarter of the activation memory; 12 groups are impossible (32 rows), so 4 are used."""
   from opd_jax import sharding as shd
-  from opd_jax.scoring import row_groups
+  from opd_jax.teachers.scoring import row_groups
   mesh = shd.make_mesh({'fsdp': -1})
   cfg = ModelConfig(model_type='qwen3', vocab_size=512, hidden_size=128, intermediate_size=512,
                     num_layers=2, num_heads=4, num_kv_heads=2, head_dim=32, tie_embeddings=True,

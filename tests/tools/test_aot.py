@@ -1,4 +1,4 @@
-"""opd_jax.aot: topology names, architecture presets, and the compile check itself: every
+"""opd_jax.tools.aot: topology names, architecture presets, and the compile check itself: every
 recipe's runlocal form compiles on fake CPU devices and reports memory, and one real-size
 recipe compiles against a v5e-16-shaped mesh (the CPU estimate; the TPU topology path runs
 when libtpu is installed)."""
@@ -11,10 +11,10 @@ import sys
 
 import pytest
 
-from opd_jax import aot
+from opd_jax.tools import aot
 from opd_jax.models.presets import PRESETS, preset_config, preset_name
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 GiB = 2**30
 
 
@@ -31,7 +31,7 @@ def _aot(tmp_path, *args, timeout=600):
   report = tmp_path / 'report.json'
   env = dict(os.environ)
   env.pop('XLA_FLAGS', None)  # the command picks its own device count
-  out = subprocess.run([sys.executable, '-m', 'opd_jax.aot', *args, f'--json={report}'],
+  out = subprocess.run([sys.executable, '-m', 'opd_jax.tools.aot', *args, f'--json={report}'],
                        cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
   assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
   with open(report) as f:
@@ -93,6 +93,7 @@ def test_backend_tpu_without_libtpu_is_a_clear_error():
 
 # ---------------------------------------------------------------------- compile checks
 @pytest.mark.parametrize('name', _runlocal_recipes())
+@pytest.mark.e2e
 def test_every_runlocal_recipe_compiles_and_reports_memory(name, tmp_path):
   rep, stdout = _aot(tmp_path, f'--config=configs/{name}.py:runlocal')
   assert rep['target'] == 'cpu-estimate' and rep['mesh']['fsdp'] == 8
@@ -108,6 +109,7 @@ def test_every_runlocal_recipe_compiles_and_reports_memory(name, tmp_path):
   assert 'per-device memory' in stdout and 'CPU ESTIMATE' in stdout
 
 
+@pytest.mark.e2e
 def test_continuous_rollout_compiles_its_segment_functions(tmp_path):
   """rollout.slots=8 < the 16 rows: the trainer samples with the continuous batcher, so the
   check compiles its refill (prefill of r = 8 new prompts into the slots), decode segment and
@@ -134,6 +136,7 @@ def test_continuous_rollout_compiles_its_segment_functions(tmp_path):
   assert rep['largest']['peak'] >= fns['rollout/segment']['peak']
 
 
+@pytest.mark.e2e
 def test_real_size_recipe_on_a_v5e16_shaped_cpu_mesh(tmp_path):
   """Qwen3-1.7B <- Qwen3-8B at the recipe's full shapes (B=256, L=5120) on 16 fake CPU
   devices, compiled from the presets because /ckpt does not exist here (about 1.5 min)."""
@@ -157,6 +160,7 @@ def test_real_size_recipe_on_a_v5e16_shaped_cpu_mesh(tmp_path):
 @pytest.mark.skipif(not aot.libtpu_available(),
                     reason="libtpu is not installed (pip install 'jax[tpu]'): the TPU "
                            'topology path is exercised by hand, see launch/README.md')
+@pytest.mark.e2e
 def test_tpu_topology_path(tmp_path):
   rep, stdout = _aot(tmp_path, '--config=configs/opd_single_teacher.py:runlocal',
                      '--topology=v5e-8', '--backend=tpu')

@@ -1,4 +1,4 @@
-"""opd_jax.check_teacher: the pre-flight report on the runlocal recipes (the CLI, the fp32 /
+"""opd_jax.tools.check_teacher: the pre-flight report on the runlocal recipes (the CLI, the fp32 /
 bf16 train-inference gap against the update's own metric, a teacher with another tokenizer,
 and a real teacher server compared with a local copy that agrees and with one that does
 not)."""
@@ -14,15 +14,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from opd_jax import builder, check_teacher
+from opd_jax.training import builder
+from opd_jax.tools import check_teacher
 from opd_jax import sharding as shd
-from opd_jax import update as update_lib
-from opd_jax.tiny import build_char_tokenizer, make_tiny_checkpoint, resolve_model
+from opd_jax.training import update as update_lib
+from opd_jax.models.tiny import build_char_tokenizer, make_tiny_checkpoint, resolve_model
 from opd_jax.train import load_data
 from test_remote import ServerProcess
 from test_train import load_config, with_overrides
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 from configs._local import TINY_TEACHER  # noqa: E402
 
@@ -41,10 +42,11 @@ def _gap_means(text):
       r'^  (float32|bfloat16) compute \(teacher .*?\): mean (\S+)', text, re.M)}
 
 
+@pytest.mark.e2e
 def test_cli_runlocal_reports_every_section():
   # A config override through the flags, --num-prompts, and --strict's exit status 0.
   proc = subprocess.run(
-      [sys.executable, '-m', 'opd_jax.check_teacher', '--config',
+      [sys.executable, '-m', 'opd_jax.tools.check_teacher', '--config',
        'configs/opd_single_teacher.py:runlocal', '--num-prompts', '8',
        '--config.rollout.max_new_tokens=12', '--strict'],
       cwd=ROOT, capture_output=True, text=True, timeout=300)

@@ -6,7 +6,7 @@ import json
 import jax
 import pytest
 
-from opd_jax import builder
+from opd_jax.training import builder
 from opd_jax import sharding as shd
 from opd_jax.train import ConfigError, load_data, run
 from test_train import _runlocal_recipes, load_config, with_overrides
@@ -16,7 +16,7 @@ RECIPES = [r for r in _runlocal_recipes() if r != 'compute_efficiency']
 
 @pytest.mark.parametrize('name', RECIPES)
 def test_aot_and_trainer_compile_the_same_update(name):
-  """build_run with weights (the trainer) and without (opd_jax.aot) lower the update to the
+  """build_run with weights (the trainer) and without (opd_jax.tools.aot) lower the update to the
   same program for the same batch: same graph, shardings and shapes, byte for byte."""
   config = load_config(name, 'runlocal')
   mesh = shd.make_mesh(dict(config.mesh))
@@ -92,7 +92,7 @@ def test_full_vocab_option_checks_name_the_field():
 
 def test_aot_and_trainer_compile_the_same_exact_full_vocab_update():
   """The exact option's update (teacher hidden states and output projection in the batch)
-  lowers identically with weights and from architectures alone (what opd_jax.aot compiles)."""
+  lowers identically with weights and from architectures alone (what opd_jax.tools.aot compiles)."""
   config = with_overrides(load_config('opd_single_teacher', 'runlocal'),
                           loss__full_vocab='reverse_kl_exact')
   mesh = shd.make_mesh(dict(config.mesh))

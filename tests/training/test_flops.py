@@ -1,7 +1,7 @@
-"""Analytic FLOP counts (opd_jax.compute): exact against a NumPy enumeration of every matmul,
+"""Analytic FLOP counts (opd_jax.training.flops): exact against a NumPy enumeration of every matmul,
 and within a few percent of XLA's cost analysis of the project's real compiled functions.
 
-What XLA's `cost_analysis()['flops']` counts differently from opd_jax.compute:
+What XLA's `cost_analysis()['flops']` counts differently from opd_jax.training.flops:
   * it also counts elementwise work, one flop per element and op (a reduction ~1 per
     input element, a `where` 2): norms, rotary embedding, softmax / log-softmax (max,
     subtract, sums; `exp` / `log` / `rsqrt` go to 'transcendentals', not 'flops'), masks,
@@ -35,9 +35,9 @@ import pytest
 from flax import nnx
 from ml_collections import ConfigDict
 
-from opd_jax import compute
+from opd_jax.training import flops as compute
 from opd_jax.models import ModelConfig, create_model
-from opd_jax.tiny import DEFAULT_CHARS, SPECIAL_TOKENS
+from opd_jax.models.tiny import DEFAULT_CHARS, SPECIAL_TOKENS
 
 RTOL = 0.06
 B, T = 8, 64           # scoring / update / forward batch
@@ -160,7 +160,7 @@ def test_update_convention():
 
 
 def test_mirrors_of_project_constants():
-  from opd_jax import scoring
+  from opd_jax.teachers import scoring
   from opd_jax.models import decoder
   assert compute.QUERY_BLOCK == decoder.QUERY_BLOCK
   assert compute.DEFAULT_LOGITS_BUDGET == scoring.DEFAULT_LOGITS_BUDGET
@@ -225,7 +225,7 @@ def _batch():
 
 
 def _train_args(params):
-  from opd_jax.update import make_optimizer, make_train_state
+  from opd_jax.training.update import make_optimizer, make_train_state
   tx, sched = make_optimizer(OPTIM, 10)
   state = jax.eval_shape(lambda: make_train_state(params, tx))
   ids, mask = _batch()
@@ -237,8 +237,9 @@ def _train_args(params):
 def _lower(name, graphdef, params, cfg_remat=None):
   """The project's jitted function for `name`, lowered on the test shapes (a fresh jit, so
   no trace is shared between patched and unpatched runs)."""
-  from opd_jax import sampling, scoring
-  from opd_jax.update import LossSpec, make_update_fn
+  from opd_jax.rollout import sampler as sampling
+  from opd_jax.teachers import scoring
+  from opd_jax.training.update import LossSpec, make_update_fn
   ids, mask = _batch()
   if name == 'forward':
     fn = jax.jit(lambda p, i, m: nnx.merge(graphdef, p)(i, m))

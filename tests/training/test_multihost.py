@@ -7,10 +7,11 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from _util import read_events
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ARGS = ['-m', 'opd_jax.train', '--config', 'configs/opd_single_teacher.py:runlocal',
         '--config.total_steps=3', '--config.eval.num_prompts=4']
 
@@ -28,6 +29,7 @@ def _env(devices, **extra):
   return env
 
 
+@pytest.mark.e2e
 def test_two_processes_match_one(tmp_path):
   single = subprocess.run([sys.executable, *ARGS, '--workdir', str(tmp_path / 'one')],
                           cwd=ROOT, env=_env(8), capture_output=True, text=True, timeout=600)

@@ -9,7 +9,7 @@ from flax import nnx
 from ml_collections import ConfigDict
 
 from opd_jax.models import load_pretrained
-from opd_jax.update import LossSpec, make_optimizer, make_train_state, make_update_fn
+from opd_jax.training.update import LossSpec, make_optimizer, make_train_state, make_update_fn
 
 OPTIM = ConfigDict(dict(lr=1e-2, schedule='cosine', warmup_steps=2, weight_decay=0.01,
                         b1=0.9, b2=0.999, eps=1e-8, grad_clip=1.0))
@@ -118,8 +118,8 @@ def test_streamed_full_vocab_terms_equal_the_top_k_term_at_k_equal_v(hf_checkpoi
   """The update's exact (and student-top-k with K = V) terms, computed from the teacher's
   hidden states and output projection vocabulary chunk by chunk, give the same step as the
   teacher-top-k term with K = V; micro-batches keep the projection whole."""
-  from opd_jax.scoring import score_model
-  from opd_jax.update import UpdateBatch
+  from opd_jax.teachers.scoring import score_model
+  from opd_jax.training.update import UpdateBatch
   graphdef, params = model_parts
   teacher = load_pretrained(hf_checkpoints['qwen3'])            # tied embeddings, D = 64
   raw = {k: jnp.asarray(v) for k, v in _batch(2).items()}
