@@ -1,11 +1,11 @@
 """The CPU demo: on-policy distillation fixes a student's systematic mistake.
 
-  python -m opd_jax.demo --workdir runs/demo        # every stage, ~3 min on a 2-core CPU
+  python -m opd_jax.tools.demo --workdir runs/demo        # every stage, ~3 min on a 2-core CPU
 
 Task (opd_jax/tasks/arithmetic.py): 3-digit addition written out column by column,
 "583+767" -> "3+7+0=10\\n8+6+1=15\\n5+7+1=13\\n#### 1350", checked by exact match.
 
-Stages (this recipe with a stage argument; `python -m opd_jax.demo` chains them and fills in
+Stages (this recipe with a stage argument; `python -m opd_jax.tools.demo` chains them and fills in
 the data and model paths):
   :teacher   SFT of a 3-layer, 96-wide Qwen3 on clean solutions (reaches ~100%).
   :student   SFT of a smaller 2-layer, 64-wide Qwen3 on a noisier dataset in which half the

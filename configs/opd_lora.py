@@ -14,7 +14,7 @@ The rollout samples from the merged weights W + (alpha / r) B A (docs/design.md 
 export writes the merged checkpoint to workdir/export/ and the PEFT adapter to
 workdir/export/adapter/ (peft.PeftModel.from_pretrained(base, that directory)).
 
-  python -m opd_jax.aot --config configs/opd_lora.py --topology v5e-16   # memory per chip
+  python -m opd_jax.tools.aot --config configs/opd_lora.py --topology v5e-16   # memory per chip
   python -m opd_jax.train --config configs/opd_lora.py:runlocal --workdir /tmp/opd_lora
 
 runs the same loop for 2 steps on CPU with tiny random models and data/samples/.

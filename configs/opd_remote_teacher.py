@@ -5,7 +5,7 @@ configs/opd_single_teacher.py (same data, rollout, loss and optimizer).
 First serve the teacher on its own host (a v5e-8: one host, 8 chips x 16 GiB; Qwen3-32B in
 bf16 is 64 GiB -> 8 GiB/chip, tensor-parallel over the 8 chips):
 
-  python -m opd_jax.serve_teacher --model /ckpt/Qwen3-32B --dtype bfloat16 \
+  python -m opd_jax.teachers.server --model /ckpt/Qwen3-32B --dtype bfloat16 \
       --mesh fsdp=1,tensor=8 --host 0.0.0.0 --port 30000 --max-batch-size 32
 
 then train the student on its slice (a v5e-16, sized as in opd_single_teacher.py) against it:
@@ -22,7 +22,7 @@ client checks the server's vocabulary against the student's tokenizer at start-u
 out a request after remote_timeout_s, retries connection errors / timeouts / 5xx with
 exponential backoff and stops with an error naming the URL when the teacher stays down.
 
-  python -m opd_jax.serve_teacher \
+  python -m opd_jax.teachers.server \
       --model tiny:qwen3:hidden_size=64,num_layers=2,num_heads=4,num_kv_heads=2,seed=1 &
   python -m opd_jax.train --config configs/opd_remote_teacher.py:runlocal --workdir /tmp/opd_r
 

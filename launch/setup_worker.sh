@@ -2,11 +2,12 @@
 # Usage: launch/setup_worker.sh [--venv DIR] [--accelerator tpu|cuda12|cpu] [--force|--check]
 #
 # Prepares one machine (a TPU VM worker, a GPU box, this machine) to run opd_jax from the
-# checkout this script lives in: a Python >= 3.11 virtual environment with
-# requirements.txt and the accelerator wheel of the pinned jax version
-# (pip install "jax[tpu]==<the jax version in requirements.txt>").
+# checkout this script lives in: a Python >= 3.11 virtual environment with the package
+# installed from the checkout (its pinned dependencies are in pyproject.toml) and the
+# accelerator wheel of the pinned jax version
+# (pip install "jax[tpu]==<the jax version in pyproject.toml>").
 #
-# Idempotent: a hash of requirements.txt, the accelerator and the Python version is kept in
+# Idempotent: a hash of pyproject.toml, the accelerator and the Python version is kept in
 # VENV/.opd_jax_setup; when it matches, nothing is installed and the script exits at once.
 # launch/tpu_pod.sh runs it on every worker of a slice before each run.
 #
@@ -44,9 +45,9 @@ case "$ACCEL" in
 esac
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-REQS="$ROOT/requirements.txt"
+REQS="$ROOT/pyproject.toml"
 [[ -f "$REQS" ]] || { echo "setup_worker.sh: $REQS not found" >&2; exit 1; }
-JAX_VERSION="$(sed -n 's/^jax==\([^ ;#]*\).*/\1/p' "$REQS")"
+JAX_VERSION="$(sed -n 's/^ *"jax==\([^"]*\)".*/\1/p' "$REQS")"
 [[ -n "$JAX_VERSION" ]] || { echo "setup_worker.sh: no 'jax==' pin in $REQS" >&2; exit 1; }
 
 # ------------------------------------------------------------------------- pick a Python
@@ -89,7 +90,7 @@ else
   pip_install() { "$UV" pip install -q --python "$VENV/bin/python" "$@"; }
 fi
 
-pip_install -r "$REQS"
+pip_install -e "$ROOT"
 case "$ACCEL" in
   # libtpu is on PyPI; the find-links page also serves older releases.
   tpu) pip_install "jax[tpu]==$JAX_VERSION" \

@@ -6,7 +6,7 @@
 #   2. puts the code on every worker: this checkout (tracked and untracked-but-not-ignored
 #      files, so uncommitted edits go too) copied with tpu-vm scp, or with --repo a git clone;
 #   3. sets up the environment once per worker (launch/setup_worker.sh: a venv with
-#      requirements.txt and the matching jax[tpu]; a no-op when nothing changed);
+#      the package (pyproject.toml) and the matching jax[tpu]; a no-op when nothing changed);
 #   4. runs `python -m opd_jax.train ARGS` on all workers at once
 #      (gcloud compute tpus tpu-vm ssh --worker=all), ARGS passed through verbatim, plus
 #      --config.distributed=True (one jax.distributed process per worker) unless ARGS set it.

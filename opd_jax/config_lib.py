@@ -82,7 +82,7 @@ def base_config() -> ConfigDict:
       tensor_parallel=0,         # rollout layout's TP degree: 0 auto, -1 the training layout
   ))
 
-  c.agent = ConfigDict(dict(     # multi-turn episodes (opd_jax/multiturn.py, opd_jax/envs/)
+  c.agent = ConfigDict(dict(     # multi-turn episodes (opd_jax/rollout/multiturn.py, opd_jax/envs/)
       tag_to_env=ConfigDict(),   # tag -> environment name (opd_jax.envs.ENVS); empty: off
       env_kwargs=ConfigDict(),   # environment name -> its constructor's keyword arguments
       max_turns=4,               # student turns per episode

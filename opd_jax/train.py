@@ -3,7 +3,7 @@
   python -m opd_jax.train --config configs/opd_single_teacher.py:runlocal --workdir /tmp/run \
       [--config.total_steps=20 --config.optim.lr=1e-5 ...]
 
-`run()` reads top to bottom: checks -> mesh -> data -> the run (opd_jax.builder.build_run:
+`run()` reads top to bottom: checks -> mesh -> data -> the run (opd_jax.training.builder.build_run:
 models and jitted steps, shared with the AOT check) -> restore -> loop -> finish. One step
 of the loop is `opd_batch` (prompts -> rollout -> teacher scoring -> rewards -> advantages)
 or `sft_batch`, then `apply_update`, then `end_step` (metrics, eval, checkpoint). The data
@@ -24,20 +24,26 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from opd_jax import advantages as adv_lib
-from opd_jax import compute, evaluation, multiturn, steps, tiny
+from opd_jax.objectives import estimators as adv_lib
+from opd_jax.training import flops as compute
+from opd_jax.training import evaluation
+from opd_jax.rollout import multiturn
+from opd_jax.training import episodes as episodes_lib
+from opd_jax.objectives import advantages as token_adv
+from opd_jax.training import batches as steps
+from opd_jax.models import tiny
 from opd_jax import data as data_lib
-from opd_jax import lora as lora_lib
+from opd_jax.models import lora as lora_lib
 from opd_jax import rewards as rewards_lib
 from opd_jax import sharding as shd
-from opd_jax.builder import (ConfigError, build_run, check_model_paths, check_resume,
+from opd_jax.training.builder import (ConfigError, build_run, check_model_paths, check_resume,
                              check_signal, loss_spec, rollout_params, validate)
-from opd_jax.checkpoint import Checkpointer, PreemptionFlag
-from opd_jax.metrics import MetricWriter
+from opd_jax.training.checkpoint import Checkpointer, PreemptionFlag
+from opd_jax.training.metrics import MetricWriter
 from opd_jax.models import save_pretrained
 from opd_jax.buckets import DEFAULT_PROMPT_BUCKETS
-from opd_jax.teachers import route_matrix, score_teachers
-from opd_jax.update import UpdateBatch
+from opd_jax.teachers.local import route_matrix, score_teachers
+from opd_jax.training.update import UpdateBatch
 
 log = logging.getLogger('opd_jax.train')
 
@@ -152,7 +158,7 @@ class Loop:
     route = route_matrix(tags, self.run.specs)
     t, _ = score_teachers(self.run.teachers, tokens, attn, route,
                           out_sharding=tokens.sharding, count=False)
-    _, kl_sum, kl_cnt = steps.advantages(s_b, t, None, self.run.coef_J, jnp.asarray(route),
+    _, kl_sum, kl_cnt = token_adv.advantages(s_b, t, None, self.run.coef_J, jnp.asarray(route),
                                          lmask, None, mode='none')
     return shd.to_host(kl_sum), shd.to_host(kl_cnt)
 
@@ -173,7 +179,7 @@ def run(config, workdir: str) -> dict:
     logging.getLogger(noisy).setLevel(logging.WARNING)
   init_distributed(config)
   validate(config)
-  multiturn.validate_config(config)
+  episodes_lib.validate_config(config)
   check_model_paths(config)
   os.makedirs(workdir, exist_ok=True)
   mesh = shd.make_mesh(dict(config.mesh))
@@ -202,7 +208,7 @@ def run(config, workdir: str) -> dict:
     writer.history = {k: [tuple(x) for x in v] for k, v in meta.get('history', {}).items()}
   loop = Loop(config, r, data, writer, compute.FlopCounter(meta.get('flops')), ckpt,
               jax.random.key(config.seed), r.cast_fn(),
-              multiturn.from_config(config, r, data.tokenizer, data.encoder))
+              episodes_lib.from_config(config, r, data.tokenizer, data.encoder))
   for t in r.teachers:
     if t.cfg is None:
       log.warning('teacher %r is remote: its scoring FLOPs are not counted (its architecture '
@@ -332,7 +338,7 @@ def opd_batch(loop: Loop, state, key) -> tuple[UpdateBatch, dict]:
   metrics['rollout/reshard_bytes'] = float(r.rollout_reshard_bytes)
   gen_tokens = float(jnp.sum(lmask))
   loop.flops.add('rollout', _rollout_flops(r.student_cfg, rollout) if episodes is None
-                 else multiturn.rollout_flops(r.student_cfg, episodes))
+                 else episodes_lib.rollout_flops(r.student_cfg, episodes))
   # ----------------------------------------------------------------- teacher scoring
   t0 = time.time()
   route = route_matrix(tags, r.specs)
@@ -351,12 +357,12 @@ def opd_batch(loop: Loop, state, key) -> tuple[UpdateBatch, dict]:
   outcome = None
   if c.rl.estimator:
     outcome, rew = (_outcome_advantages(loop, rollout, local, n) if episodes is None
-                    else multiturn.outcome_advantage(c, episodes, local, n))
+                    else episodes_lib.outcome_advantage(c, episodes, local, n))
     metrics['reward/mean'] = float(rew.mean())
     for tg in sorted(set(tags)):
       metrics[f'reward/mean/{tg}'] = float(rew[np.asarray(tags) == tg].mean())
   # --------------------------------------------------------------------- advantages
-  adv, kl_sum, kl_cnt = steps.advantages(
+  adv, kl_sum, kl_cnt = token_adv.advantages(
       s_b, t_JxBxT, ref, r.coef_J, jnp.asarray(route), lmask, outcome, mode=r.adv_mode,
       clamp=c.loss.kl_clamp, reward_scale=c.gopd.reward_scale)
   batch = UpdateBatch(tokens, attn, lmask, behaviour_logprobs=s_b, advantages=adv)
@@ -366,7 +372,7 @@ def opd_batch(loop: Loop, state, key) -> tuple[UpdateBatch, dict]:
   names = [t.name for t in r.teachers]
   metrics.update(steps.kl_metrics(shd.to_host(kl_sum), shd.to_host(kl_cnt), tags, names))
   if r.teachers:
-    k3 = steps.k3_sum(s_b, t_JxBxT, jnp.asarray(route), lmask)
+    k3 = token_adv.k3_sum(s_b, t_JxBxT, jnp.asarray(route), lmask)
     metrics.update(steps.kl_metrics(shd.to_host(k3), shd.to_host(kl_cnt), tags, names,
                                     prefix='opd/reverse_kl_k3'))
     scored = sum(t.tokens_scored for t in r.teachers) - scored_before

@@ -18,6 +18,17 @@ os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '-1')
 # tiny:... model specs are built once per session here, not in the user's ~/.cache.
 os.environ.setdefault('OPD_JAX_CACHE', tempfile.mkdtemp(prefix='opd_jax_tiny_'))
 
+import sys  # noqa: E402
+
+# tests/ mirrors the package (tests/rollout/, tests/teachers/, ...) and test modules import
+# helpers from one another by module name (`from test_remote import ServerProcess`): every
+# folder is importable whichever file pytest collects first.
+_TESTS = os.path.dirname(os.path.abspath(__file__))
+for _d in sorted(os.listdir(_TESTS)):
+  if os.path.isdir(os.path.join(_TESTS, _d)) and _d not in ('reference', '__pycache__') \
+      and not _d.startswith('.') and os.path.join(_TESTS, _d) not in sys.path:
+    sys.path.append(os.path.join(_TESTS, _d))
+
 import json  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -74,5 +85,5 @@ def hf_checkpoints(tmp_path_factory):
 @pytest.fixture(scope='session')
 def tiny_qwen3(tmp_path_factory):
   """A tiny Qwen3 checkpoint with a char-level ChatML tokenizer, written by opd_jax."""
-  from opd_jax.tiny import make_tiny_checkpoint
+  from opd_jax.models.tiny import make_tiny_checkpoint
   return make_tiny_checkpoint(str(tmp_path_factory.mktemp('tiny') / 'qwen3'), seed=0)

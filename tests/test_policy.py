@@ -21,12 +21,14 @@ import pytest
 from flax import nnx
 
 from opd_jax import policy as policy_lib
-from opd_jax import steps
+from opd_jax.objectives import advantages as token_adv
+from opd_jax.training import batches as steps
 from opd_jax.models import load_pretrained
-from opd_jax.sampling import Sampler, SamplingParams
-from opd_jax.scoring import make_score_fn
-from opd_jax.tiny import make_tiny_checkpoint
-from opd_jax.update import LossSpec, UpdateBatch, _loss_terms, make_update_fn
+from opd_jax.rollout.decode import SamplingParams
+from opd_jax.rollout.sampler import Sampler
+from opd_jax.teachers.scoring import make_score_fn
+from opd_jax.models.tiny import make_tiny_checkpoint
+from opd_jax.training.update import LossSpec, UpdateBatch, _loss_terms, make_update_fn
 
 GRID = [(0, 1.0), (5, 1.0), (0, 0.7), (5, 0.7)]
 
@@ -116,7 +118,7 @@ def _opd_batch(student, teacher, sampler, key, rows, sp):
   rollout = sampler(params, [PROMPT] * rows, key, sp)
   tokens, attn, lmask, s_b = steps.rollout_arrays(rollout)
   t = _teacher_score(teacher[0], sp.temperature)(teacher[1], tokens, attn)['logprobs']
-  adv, _, _ = steps.advantages(s_b, t[None], None, jnp.ones((1,)), jnp.ones((rows, 1)), lmask,
+  adv, _, _ = token_adv.advantages(s_b, t[None], None, jnp.ones((1,)), jnp.ones((rows, 1)), lmask,
                                None, mode='opd')
   return UpdateBatch(tokens, attn, lmask, behaviour_logprobs=s_b, advantages=adv)
 

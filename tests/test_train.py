@@ -44,7 +44,7 @@ def with_overrides(config, **kw):
   return config
 
 
-# Its runlocal form talks to a live teacher server; tests/test_remote.py starts one.
+# Its runlocal form talks to a live teacher server; tests/teachers/test_remote.py starts one.
 NEEDS_SERVER = {'opd_remote_teacher'}
 
 
@@ -79,6 +79,7 @@ def single_teacher_run(tmp_path_factory, capfd_module=None):
 
 
 @pytest.mark.parametrize('name', [n for n in _runlocal_recipes() if n != 'opd_single_teacher'])
+@pytest.mark.e2e
 def test_runlocal_recipes_run_two_steps(name, tmp_path):
   result = run(load_config(name, 'runlocal'), str(tmp_path))
   assert result['step'] == 2 and not result['preempted']
@@ -107,6 +108,7 @@ def test_bfloat16_compute_runs(tmp_path):
     assert all(np.isfinite(v) for _, v in result['history'][key]), key
 
 
+@pytest.mark.e2e
 def test_single_teacher_runlocal_logs_everything(single_teacher_run):
   workdir, result = single_teacher_run
   assert result['step'] == 2
@@ -221,10 +223,11 @@ def test_sft_on_several_teachers_samples_each_row_with_its_teacher():
   that handles its tag, exactly as that teacher alone samples it, and a row no teacher
   handles is an error that names its tag."""
   import jax
-  from opd_jax import compute, sharding as shd
-  from opd_jax.builder import build_run
+  from opd_jax import sharding as shd
+  from opd_jax.training import flops as compute
+  from opd_jax.training.builder import build_run
   from opd_jax.train import Loop, load_data, routed_teacher_sft_batch
-  from opd_jax.teachers import route_matrix
+  from opd_jax.teachers.local import route_matrix
   config = with_overrides(load_config('opd_multi_teacher', 'runlocal'), mode='sft',
                           sft__source='teacher', sft__temperature=0.0, sft__batch_size=8)
   mesh = shd.make_mesh(dict(config.mesh))
@@ -377,8 +380,9 @@ def test_finished_run_reports_its_saved_results_and_flops(tmp_path):
   assert again['tokens_scored'] == first['tokens_scored']
 
 
+@pytest.mark.e2e
 def test_shrunk_demo_reverse_kl_falls(tmp_path):
-  from opd_jax.demo import run_demo
+  from opd_jax.tools.demo import run_demo
   out = run_demo(str(tmp_path), tiny=True, stages=('teacher', 'student', 'opd'))
   kl = out['results']['opd']['history']['eval/reverse_kl']
   print('eval reverse KL over OPD steps:', kl)

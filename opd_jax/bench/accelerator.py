@@ -22,7 +22,7 @@ def peak_for(kind: str):
 
 def write_model(path, preset, *, vocab, seed, tiny):
   from opd_jax.models.presets import PRESETS
-  from opd_jax.tiny import build_char_tokenizer, make_tiny_checkpoint
+  from opd_jax.models.tiny import build_char_tokenizer, make_tiny_checkpoint
   h = PRESETS[preset]
   if tiny:  # same family and head layout, tiny sizes
     kw = dict(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,

@@ -40,14 +40,14 @@ def main(argv=None):
   from flax import nnx
   from ml_collections import ConfigDict
 
-  from opd_jax import lora
+  from opd_jax.models import lora
   from opd_jax.config_lib import LORA_TARGETS
   from opd_jax.models import load_pretrained
   from opd_jax.models.decoder import LoraSpec
-  from opd_jax.update import LossSpec, make_optimizer, make_train_state, make_update_fn
+  from opd_jax.training.update import LossSpec, make_optimizer, make_train_state, make_update_fn
 
   if args.make_model and not os.path.exists(os.path.join(args.model, 'config.json')):
-    from opd_jax.tiny import build_char_tokenizer, make_tiny_checkpoint
+    from opd_jax.models.tiny import build_char_tokenizer, make_tiny_checkpoint
     make_tiny_checkpoint(args.model, hidden_size=args.hidden, num_layers=args.layers,
                          num_heads=max(1, args.hidden // 64), num_kv_heads=max(1, args.hidden // 128),
                          tokenizer=build_char_tokenizer(vocab_size=args.vocab), seed=0)

@@ -52,10 +52,11 @@ def main(argv=None):
 
   from opd_jax import data as data_lib
   from opd_jax import envs as envs_lib
-  from opd_jax import multiturn
+  from opd_jax.rollout import multiturn
   from opd_jax.bench.sampler import make_bench_model
   from opd_jax.models import load_pretrained
-  from opd_jax.sampling import Sampler, SamplingParams
+  from opd_jax.rollout.decode import SamplingParams
+  from opd_jax.rollout.sampler import Sampler
 
   if args.make_model:
     make_bench_model(args.model)

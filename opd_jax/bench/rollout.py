@@ -63,7 +63,8 @@ def main(argv=None):
 
   from opd_jax.bench.sampler import make_bench_model
   from opd_jax.models import load_pretrained
-  from opd_jax.sampling import Sampler, SamplingParams
+  from opd_jax.rollout.decode import SamplingParams
+  from opd_jax.rollout.sampler import Sampler
 
   if args.make_model and not os.path.exists(os.path.join(args.model, 'config.json')):
     make_bench_model(args.model)

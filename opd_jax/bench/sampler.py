@@ -37,7 +37,8 @@ def main(argv=None):
   from flax import nnx
 
   from opd_jax.models import load_pretrained
-  from opd_jax.sampling import Sampler, SamplingParams
+  from opd_jax.rollout.decode import SamplingParams
+  from opd_jax.rollout.sampler import Sampler
 
   if args.make_model:
     make_bench_model(args.model)
@@ -77,7 +78,7 @@ def main(argv=None):
 
 
 def make_bench_model(path):
-  from opd_jax.tiny import build_char_tokenizer, make_tiny_checkpoint
+  from opd_jax.models.tiny import build_char_tokenizer, make_tiny_checkpoint
   tok = build_char_tokenizer(vocab_size=2048)
   return make_tiny_checkpoint(path, family='qwen3', hidden_size=256, num_layers=4,
                               num_heads=4, num_kv_heads=2, head_dim=64,

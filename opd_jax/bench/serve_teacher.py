@@ -2,7 +2,7 @@
 
   python -m opd_jax.bench.serve_teacher --model DIR --clients 1,16 --seq-len 256 --requests 64
 
-Starts `python -m opd_jax.serve_teacher --model DIR --port 0` (or uses a running server with
+Starts `python -m opd_jax.teachers.server --model DIR --port 0` (or uses a running server with
 --url), then for each client count C sends `--requests` sequences of `--seq-len` random token
 ids as SGLang /generate scoring requests, C at a time (closed loop: each client sends its
 next request when the last one is answered). Every batch shape is compiled first (one batch
@@ -34,7 +34,7 @@ def _get(url):
 def start_server(model, extra_args, timeout_s=600):
   """A serve_teacher process on a free loopback port; returns (process, url)."""
   proc = subprocess.Popen(
-      [sys.executable, '-u', '-m', 'opd_jax.serve_teacher', '--model', model, '--port', '0',
+      [sys.executable, '-u', '-m', 'opd_jax.teachers.server', '--model', model, '--port', '0',
        *extra_args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   urls, lines = queue.Queue(), []
 
@@ -58,7 +58,7 @@ def start_server(model, extra_args, timeout_s=600):
 def run_setting(url, seqs, clients, *, timeout_s=600):
   """Sends `seqs` with `clients` concurrent closed-loop clients; returns per-request latencies
   and the wall time."""
-  from opd_jax.remote import request_json
+  from opd_jax.teachers.remote import request_json
   todo = queue.Queue()
   for s in seqs:
     todo.put(s)
@@ -132,7 +132,7 @@ def main(argv=None):
           f'requests={args.requests} url={url}', flush=True)
     # One batch request of n sequences is one device call of n rows: compile every batch
     # bucket the timed runs can produce, so no compile lands inside a timed run.
-    from opd_jax.remote import request_json
+    from opd_jax.teachers.remote import request_json
     n = 1
     while n <= min(args.requests, info.get('max_batch_size') or args.requests):
       request_json(url + '/generate', dict(input_ids=seqs[:n], return_logprob=True,
@@ -174,7 +174,7 @@ def in_process_tokens_per_s(model_path, seq_len, batch, runs=5):
   from flax import nnx
 
   from opd_jax.models import load_pretrained
-  from opd_jax.scoring import make_score_fn
+  from opd_jax.teachers.scoring import make_score_fn
   model = load_pretrained(model_path)
   graphdef, params = nnx.split(model)
   fn = make_score_fn(graphdef)

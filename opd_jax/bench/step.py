@@ -27,7 +27,7 @@ import time
 
 
 def make_models(student, teacher):
-  from opd_jax.tiny import build_char_tokenizer, make_tiny_checkpoint
+  from opd_jax.models.tiny import build_char_tokenizer, make_tiny_checkpoint
   from opd_jax.bench.sampler import make_bench_model
   if not os.path.exists(os.path.join(student, 'config.json')):
     make_bench_model(student)  # 3.7M-param Qwen3: hidden 256, 4 layers, vocab 2048
@@ -59,9 +59,11 @@ def main(argv=None):
   import numpy as np
   import transformers
 
-  from opd_jax import builder, compute, config_lib, train, sharding as shd
+  from opd_jax import config_lib, train, sharding as shd
+  from opd_jax.training import builder
+  from opd_jax.training import flops as compute
   from opd_jax.bench.matmul_peak import matmul_peak
-  from opd_jax.sampling import Sampler
+  from opd_jax.rollout.sampler import Sampler
 
   if args.make_models:
     make_models(args.student, args.teacher)

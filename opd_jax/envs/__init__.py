@@ -11,7 +11,7 @@ config maps a data tag to one of them (`config.agent.tag_to_env`).
 
 One environment object runs one episode: the rollout makes one per row with
 `make_env(name, **config.agent.env_kwargs[name])`, calls `reset(record)` with the record as
-the plain dict the rewards read (evaluation.record_dict), then `step(text)` with the
+the plain dict the rewards read (`opd_jax.data.record_dict`), then `step(text)` with the
 decoded text of each student turn (special tokens removed). `reset` returns the text of the
 episode's first user message (it replaces the record's last message; the chat template of
 the record's tag renders it). `step` returns the next observation (None: no more), whether
@@ -24,56 +24,10 @@ rewards' sandbox) and 'guess' (guess.py: a number-guessing game answered higher 
 Host-side only: nothing here imports jax.
 """
 
-from __future__ import annotations
-
-import typing
-from collections.abc import Callable, Mapping
-from typing import Any
-
-
-class ToolError(RuntimeError):
-  """A tool call failed (its program raised, timed out, or printed nothing usable)."""
-
-
-@typing.runtime_checkable
-class Environment(typing.Protocol):
-  """One episode's environment (see the module docstring)."""
-
-  def reset(self, record: Mapping[str, Any]) -> str: ...
-
-  def step(self, student_text: str) -> tuple[str | None, bool, float]: ...
-
-
-EnvFactory = Callable[..., Environment]
-ENVS: dict[str, EnvFactory] = {}
-
-
-def register_env(name: str) -> Callable[[EnvFactory], EnvFactory]:
-  """Decorator adding an environment factory as `name`; a second registration of a name by
-  another factory is an error (it would silently change what a config runs)."""
-  def decorator(factory: EnvFactory) -> EnvFactory:
-    if name in ENVS and ENVS[name] is not factory:
-      raise ValueError(f'environment {name!r} is already registered (by '
-                       f'{ENVS[name].__module__}.{ENVS[name].__qualname__})')
-    ENVS[name] = factory
-    return factory
-  return decorator
-
-
-def get_env(name: str) -> EnvFactory:
-  if name not in ENVS:
-    raise ValueError(f'unknown environment {name!r}; known environments: '
-                     f'{", ".join(sorted(ENVS))}')
-  return ENVS[name]
-
-
-def make_env(name: str, **kwargs) -> Environment:
-  """A fresh environment `name` for one episode."""
-  return get_env(name)(**kwargs)
-
-
+from opd_jax.envs.registry import (ENVS, Environment, EnvFactory, ToolError, get_env, make_env,
+                                  register_env)
 # Imported for their registrations.
-from opd_jax.envs import guess as _guess  # noqa: E402,F401
-from opd_jax.envs import tool as _tool  # noqa: E402,F401
+from opd_jax.envs import guess as _guess  # noqa: F401
+from opd_jax.envs import tool as _tool  # noqa: F401
 
 __all__ = ['ENVS', 'Environment', 'ToolError', 'get_env', 'make_env', 'register_env']

@@ -14,7 +14,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from opd_jax.envs import register_env
+from opd_jax.envs.registry import register_env
 
 _INT = re.compile(r'-?\d+')
 

@@ -27,7 +27,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from opd_jax.envs import ToolError, register_env
+from opd_jax.envs.registry import ToolError, register_env
 
 _CALL = re.compile(r'<(calc|python)>(.*?)</\1>', re.DOTALL)
 _ANSWER = re.compile(r'<answer>(.*?)</answer>', re.DOTALL)

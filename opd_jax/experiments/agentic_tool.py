@@ -59,7 +59,7 @@ def sampler_for(model_path: str):
   import transformers
   from flax import nnx
   from opd_jax import data as data_lib
-  from opd_jax import multiturn
+  from opd_jax.rollout import multiturn
   from opd_jax.models import load_pretrained
   tok = transformers.AutoTokenizer.from_pretrained(model_path)
   model = load_pretrained(model_path)
@@ -76,10 +76,11 @@ def sft(model_spec: str, out: str, records, *, steps: int, lr: float, batch: int
   import jax
   import numpy as np
   from flax import nnx
-  from opd_jax import multiturn, tiny
+  from opd_jax.rollout import multiturn
+  from opd_jax.models import tiny
   from opd_jax.config_lib import base_config
   from opd_jax.models import save_pretrained
-  from opd_jax.update import LossSpec, UpdateBatch, make_optimizer, make_train_state, \
+  from opd_jax.training.update import LossSpec, UpdateBatch, make_optimizer, make_train_state, \
       make_update_fn
   if os.path.exists(os.path.join(out, 'config.json')):
     return out

@@ -33,9 +33,10 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import math
 import os
 import time
+
+from opd_jax.experiments.common import enable_compile_cache, mean_std, run_stage, seeded_model
 
 _CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
     __file__)))), 'configs', 'compute_efficiency.py')
@@ -54,17 +55,6 @@ def load_recipe():
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
-
-
-def _seeded_model(spec: str, seed: int) -> str:
-  """A tiny:... spec with its init seed offset by the experiment seed."""
-  if not spec.startswith('tiny:'):
-    return spec
-  parts = spec.split(',')
-  for i, p in enumerate(parts):
-    if p.startswith('seed='):
-      parts[i] = f'seed={int(p[5:]) + 100 * seed}'
-  return ','.join(parts)
 
 
 def write_data(directory: str, *, quick: bool) -> dict:
@@ -89,7 +79,7 @@ def stage_config(recipe, stage: str, paths: dict, *, seed: int, quick: bool, lr=
   c.rl.tag_to_reward = {HELD_OUT: 'exact_match', VAL: 'exact_match'}
   c.eval.num_prompts = 0  # every held-out and validation record
   if stage in ('teacher', 'student'):
-    c.student.model = _seeded_model(c.student.model, seed)
+    c.student.model = seeded_model(c.student.model, seed)
   else:
     c.student.model = paths['student']
     c.eval.temperature = 1.0  # pass@1 at T=1 (accuracy is always greedy)
@@ -99,43 +89,6 @@ def stage_config(recipe, stage: str, paths: dict, *, seed: int, quick: bool, lr=
     c.optim.lr = lr
   c.lock()
   return c
-
-
-def enable_compile_cache(workdir: str) -> None:
-  """JAX's persistent compilation cache in WORKDIR/.jax_cache (unless one is configured):
-  the stages compile the same programs (same model shapes, new jit objects), so later
-  stages load them instead of compiling again."""
-  import jax
-  if jax.config.jax_compilation_cache_dir:
-    return
-  jax.config.update('jax_compilation_cache_dir', os.path.join(workdir, '.jax_cache'))
-  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
-  jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
-
-
-def run_stage(name: str, config, workdir: str, *, need_export: bool = False) -> dict:
-  """Runs one stage unless its result.json (and export, when needed) already exists."""
-  stage_dir = os.path.join(workdir, name)
-  result_path = os.path.join(stage_dir, 'result.json')
-  if os.path.exists(result_path) and (not need_export or os.path.exists(
-      os.path.join(stage_dir, 'export', 'config.json'))):
-    with open(result_path) as f:
-      out = json.load(f)
-    print(f'=== {name}: reused ({result_path})', flush=True)
-    return out
-  from opd_jax.train import run
-  print(f'\n=== {name} ===', flush=True)
-  t0 = time.time()
-  result = run(config, stage_dir)
-  out = {'history': result.get('history', {}), 'final': result.get('final') or {},
-         'step': result.get('step'), 'preempted': result.get('preempted', False),
-         'wall_s': time.time() - t0, 'lr': float(config.optim.lr)}
-  if out['preempted']:
-    raise RuntimeError(f'stage {name} was preempted; rerun to continue')
-  with open(result_path + '.tmp', 'w') as f:
-    json.dump(out, f)
-  os.replace(result_path + '.tmp', result_path)
-  return out
 
 
 # ---------------------------------------------------------------------------- analysis
@@ -340,15 +293,6 @@ def run_experiment(workdir: str, *, seed: int = 0, quick: bool = False) -> dict:
 
 
 # --------------------------------------------------------------------------- aggregate
-def _mean_std(xs):
-  xs = [x for x in xs if x is not None]
-  if not xs:
-    return None, None, 0
-  m = sum(xs) / len(xs)
-  s = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
-  return m, s, len(xs)
-
-
 def aggregate(workdirs, out_dir: str | None = None) -> str:
   """Mean ± std (sample std over seeds) of every seed's results.json; also plots the mean
   curves. Returns (and prints) the markdown."""
@@ -359,7 +303,7 @@ def aggregate(workdirs, out_dir: str | None = None) -> str:
   n = len(sums)
 
   def ms(xs, fmt):
-    m, s, k = _mean_std(xs)
+    m, s, k = mean_std(xs)
     if m is None:
       return 'not reached'
     txt = f'{format(m, fmt)} ± {format(s, fmt)}'

@@ -29,9 +29,8 @@ import json
 import os
 import time
 
-from opd_jax.experiments.common import cli, fmt_seeds as _fmt, load_recipe as _load
-from opd_jax.experiments.compute_efficiency import (_seeded_model, enable_compile_cache,
-                                                    run_stage)
+from opd_jax.experiments.common import (cli, enable_compile_cache, fmt_seeds as _fmt,
+                                        load_recipe as _load, run_stage, seeded_model)
 
 ROWS = (('post', 'post-trained model (SFT on the behaviour)'),
         ('sft_facts', '+ knowledge SFT, facts only'),
@@ -91,7 +90,7 @@ def run_experiment(workdir: str, *, seed: int = 0, quick: bool = False) -> dict:
   cfg = lambda stage, **kw: _config(recipe, stage, paths, seed=seed, quick=quick, **kw)  # noqa
   model = recipe.QUICK_MODEL if quick else recipe.MODEL
   st = {}
-  st['post'] = run_stage('post', cfg('post', student=_seeded_model(model, seed),
+  st['post'] = run_stage('post', cfg('post', student=seeded_model(model, seed),
                                      train={'add': paths['add_train']}), workdir,
                          need_export=True)
   st['sft_facts'] = run_stage('sft_facts', cfg('knowledge', student=exp('post'),

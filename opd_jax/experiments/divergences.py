@@ -40,6 +40,7 @@ import json
 import os
 import time
 
+from opd_jax.experiments import common
 from opd_jax.experiments import compute_efficiency as ce
 
 METHODS = ('opd', 'exact', 'topk', 'student_topk')
@@ -97,11 +98,13 @@ def gradient_variance(recipe, paths: dict, *, seed: int, quick: bool, n_batches:
   import jax.numpy as jnp
   import numpy as np
 
-  from opd_jax import builder, steps
+  from opd_jax.training import builder
+  from opd_jax.objectives import advantages as token_adv
+  from opd_jax.training import batches as steps
   from opd_jax import sharding as shd
-  from opd_jax.teachers import LocalTeacher, route_matrix, score_teachers
+  from opd_jax.teachers.local import LocalTeacher, route_matrix, score_teachers
   from opd_jax.train import load_data
-  from opd_jax.update import UpdateBatch, _loss_terms
+  from opd_jax.training.update import UpdateBatch, _loss_terms
 
   config = method_config(recipe, 'exact', paths, seed=seed, quick=quick)
   mesh = shd.make_mesh(dict(config.mesh))
@@ -136,7 +139,7 @@ def gradient_variance(recipe, paths: dict, *, seed: int, quick: bool, n_batches:
     route = route_matrix([x.tag for x in records], r.specs)
     t, extras = score_teachers([teacher], tokens, attn, route, out_sharding=tokens.sharding,
                                count=False)
-    adv, _, _ = steps.advantages(s_b, t, None, r.coef_J, jnp.asarray(route), lmask, None,
+    adv, _, _ = token_adv.advantages(s_b, t, None, r.coef_J, jnp.asarray(route), lmask, None,
                                  mode='opd')
     ex = extras[teacher.name]
     full = UpdateBatch(tokens, attn, lmask, behaviour_logprobs=s_b, advantages=adv,
@@ -247,13 +250,13 @@ def run_experiment(workdir: str, *, seed: int = 0, quick: bool = False,
   t_start = time.time()
   os.makedirs(workdir, exist_ok=True)
   if hasattr(ce, 'enable_compile_cache'):
-    ce.enable_compile_cache(workdir)
+    common.enable_compile_cache(workdir)
   paths = ce.write_data(os.path.join(workdir, 'data'), quick=quick)
   paths['teacher'] = os.path.join(workdir, 'teacher', 'export')
   paths['student'] = os.path.join(workdir, 'student', 'export')
   stages, walls = {}, {}
   for stage in ('teacher', 'student'):
-    stages[stage] = ce.run_stage(stage, stage_config(recipe, stage, paths, seed=seed,
+    stages[stage] = common.run_stage(stage, stage_config(recipe, stage, paths, seed=seed,
                                                      quick=quick), workdir, need_export=True)
     walls[stage] = stages[stage]['wall_s']
   t0 = time.time()
@@ -274,7 +277,7 @@ def run_experiment(workdir: str, *, seed: int = 0, quick: bool = False,
   for lr in lrs:  # every method at one lr, then the next (a cut-short sweep stays balanced)
     for m in METHODS:
       name = f'{m}_lr{lr:g}'
-      stages[name] = ce.run_stage(name, method_config(recipe, m, paths, seed=seed, quick=quick,
+      stages[name] = common.run_stage(name, method_config(recipe, m, paths, seed=seed, quick=quick,
                                                       lr=lr), workdir)
       walls[name] = stages[name]['wall_s']
   summary = ce.summarize(stages, METHODS, lrs)

@@ -44,9 +44,8 @@ import json
 import os
 import time
 
-from opd_jax.experiments.common import cli, fmt_seeds as _fmt, load_recipe as _load
-from opd_jax.experiments.compute_efficiency import (_seeded_model, enable_compile_cache,
-                                                    run_stage)
+from opd_jax.experiments.common import (cli, enable_compile_cache, fmt_seeds as _fmt,
+                                        load_recipe as _load, run_stage, seeded_model)
 
 DOMAINS = ('add', 'sub')
 EXOPD_LAMBDA = 1.25
@@ -149,14 +148,14 @@ def run_experiment(workdir: str, *, seed: int = 0, quick: bool = False) -> dict:
   large = recipe.QUICK_LARGE if quick else recipe.LARGE
   st = {}
   # ------------------------------------------------------------ bases and teachers
-  st['base'] = run_stage('base', cfg('base', student=_seeded_model(small, seed), data=both),
+  st['base'] = run_stage('base', cfg('base', student=seeded_model(small, seed), data=both),
                          workdir, need_export=True)
   st['rl_add'] = run_stage('rl_add', cfg('rl', student=exp('base'), data=add), workdir,
                            need_export=True)
   st['rl_sub'] = run_stage('rl_sub', cfg('rl', student=exp('base'),
                                          data={'sub': paths['sub_train']}), workdir,
                            need_export=True)
-  st['large_base'] = run_stage('large_base', cfg('base', student=_seeded_model(large, seed),
+  st['large_base'] = run_stage('large_base', cfg('base', student=seeded_model(large, seed),
                                                  data=both), workdir, need_export=True)
   st['rl_large'] = run_stage('rl_large', cfg('rl', student=exp('large_base'), data=add),
                              workdir, need_export=True)

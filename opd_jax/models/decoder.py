@@ -2,7 +2,7 @@
 
 Dimension legend (used in names and einsum strings):
   B batch, T query positions, S key positions (cache slots), D hidden, F MLP hidden,
-  H query heads, Hk key/value heads, R = H // Hk (queries per kv head), E head dim,
+  H query heads, Hk key/value heads, Hr = H // Hk (queries per kv head), E head dim,
   V vocabulary, L layers.
 
 Parameters carry Hugging Face's names and layouts (`weight` of a linear layer is
@@ -176,13 +176,13 @@ class Attention(nnx.Module):
       v = jnp.swapaxes(cache_v, 1, 2).astype(q.dtype)
     s = k.shape[1]
 
-    q_BxTxHkxRxE = q.reshape(b, t, k_heads, g, e)
+    q_BxTxHkxHrxE = q.reshape(b, t, k_heads, g, e)
     if t == 1 and jax.default_backend() == 'cpu':
-      out = _attend_one_token(q_BxTxHkxRxE, k, v, kv_mask_BxS, q_slot_T)
+      out = _attend_one_token(q_BxTxHkxHrxE, k, v, kv_mask_BxS, q_slot_T)
     elif t > QUERY_BLOCK and t % QUERY_BLOCK == 0:
-      out = _attend_blocked(q_BxTxHkxRxE, k, v, kv_mask_BxS, q_slot_T, QUERY_BLOCK)
+      out = _attend_blocked(q_BxTxHkxHrxE, k, v, kv_mask_BxS, q_slot_T, QUERY_BLOCK)
     else:
-      out = _attend(q_BxTxHkxRxE, k, v, kv_mask_BxS, q_slot_T)
+      out = _attend(q_BxTxHkxHrxE, k, v, kv_mask_BxS, q_slot_T)
     # Without a cache, the new keys and values (a prefill collects them for its cache).
     return self.o_proj(out.reshape(b, t, cfg.num_heads * e)), (
         cache_kv if cache_kv is not None else (k, v))
@@ -195,11 +195,11 @@ class Attention(nnx.Module):
 QUERY_BLOCK = 512
 
 
-def _attend(q_BxTxHkxRxE, k_BxSxHkxE, v_BxSxHkxE, kv_mask_BxS, q_slot_T):
-  """Causal grouped-query attention: [B, T, Hk, R, E] (query t sees slots <= q_slot_T[t])."""
-  e = q_BxTxHkxRxE.shape[-1]
+def _attend(q_BxTxHkxHrxE, k_BxSxHkxE, v_BxSxHkxE, kv_mask_BxS, q_slot_T):
+  """Causal grouped-query attention: [B, T, Hk, Hr, E] (query t sees slots <= q_slot_T[t])."""
+  e = q_BxTxHkxHrxE.shape[-1]
   s = k_BxSxHkxE.shape[1]
-  scores = jnp.einsum('bthre,bshe->bhrts', q_BxTxHkxRxE, k_BxSxHkxE,
+  scores = jnp.einsum('bthre,bshe->bhrts', q_BxTxHkxHrxE, k_BxSxHkxE,
                       preferred_element_type=jnp.float32) * (e ** -0.5)
   allowed_BxTxS = ((jnp.arange(s)[None, None, :] <= q_slot_T[None, :, None])
                    & kv_mask_BxS[:, None, :].astype(bool))
@@ -208,33 +208,33 @@ def _attend(q_BxTxHkxRxE, k_BxSxHkxE, v_BxSxHkxE, kv_mask_BxS, q_slot_T):
   return jnp.einsum('bhrts,bshe->bthre', probs, v_BxSxHkxE)
 
 
-def _attend_blocked(q_BxTxHkxRxE, k_BxSxHkxE, v_BxSxHkxE, kv_mask_BxS, q_slot_T, block):
+def _attend_blocked(q_BxTxHkxHrxE, k_BxSxHkxE, v_BxSxHkxE, kv_mask_BxS, q_slot_T, block):
   """`_attend` over query blocks of `block` positions (lax.map; each block rematerialised)."""
-  b, t = q_BxTxHkxRxE.shape[:2]
+  b, t = q_BxTxHkxHrxE.shape[:2]
   n = t // block
-  q_WxBxCxHkxRxE = jnp.moveaxis(q_BxTxHkxRxE.reshape(b, n, block, *q_BxTxHkxRxE.shape[2:]), 1, 0)
+  q_WxBxCxHkxHrxE = jnp.moveaxis(q_BxTxHkxHrxE.reshape(b, n, block, *q_BxTxHkxHrxE.shape[2:]), 1, 0)
 
   @jax.checkpoint
   def one(xs):
-    q_BxCxHkxRxE, slot_C = xs
-    return _attend(q_BxCxHkxRxE, k_BxSxHkxE, v_BxSxHkxE, kv_mask_BxS, slot_C)
+    q_BxCxHkxHrxE, slot_C = xs
+    return _attend(q_BxCxHkxHrxE, k_BxSxHkxE, v_BxSxHkxE, kv_mask_BxS, slot_C)
 
-  out_WxBxCxHkxRxE = jax.lax.map(one, (q_WxBxCxHkxRxE, q_slot_T.reshape(n, block)))
-  return jnp.moveaxis(out_WxBxCxHkxRxE, 0, 1).reshape(q_BxTxHkxRxE.shape)
+  out_WxBxCxHkxHrxE = jax.lax.map(one, (q_WxBxCxHkxHrxE, q_slot_T.reshape(n, block)))
+  return jnp.moveaxis(out_WxBxCxHkxHrxE, 0, 1).reshape(q_BxTxHkxHrxE.shape)
 
 
-def _attend_one_token(q_Bx1xHkxRxE, k_BxSxHkxE, v_BxSxHkxE, kv_mask_BxS, q_slot_T):
+def _attend_one_token(q_Bx1xHkxHrxE, k_BxSxHkxE, v_BxSxHkxE, kv_mask_BxS, q_slot_T):
   """`_attend` for one query token on XLA:CPU: a batched dot is a library call with ~0.1 ms
   of fixed cost (and a transposed copy of the cache); a multiply-reduce fuses into one loop."""
-  e = q_Bx1xHkxRxE.shape[-1]
+  e = q_Bx1xHkxHrxE.shape[-1]
   s = k_BxSxHkxE.shape[1]
-  scores_BxSxHkxR = jnp.sum(q_Bx1xHkxRxE[:, 0, None].astype(jnp.float32)
+  scores_BxSxHkxHr = jnp.sum(q_Bx1xHkxHrxE[:, 0, None].astype(jnp.float32)
                            * k_BxSxHkxE[:, :, :, None].astype(jnp.float32), axis=-1) * (e ** -0.5)
   allowed_BxS = (jnp.arange(s)[None, :] <= q_slot_T[0]) & kv_mask_BxS.astype(bool)
-  scores_BxSxHkxR = jnp.where(allowed_BxS[:, :, None, None], scores_BxSxHkxR, _NEG_INF)
-  probs = jax.nn.softmax(scores_BxSxHkxR, axis=1).astype(v_BxSxHkxE.dtype)
-  out_BxHkxRxE = jnp.sum(probs[..., None] * v_BxSxHkxE[:, :, :, None], axis=1)
-  return out_BxHkxRxE[:, None]
+  scores_BxSxHkxHr = jnp.where(allowed_BxS[:, :, None, None], scores_BxSxHkxHr, _NEG_INF)
+  probs = jax.nn.softmax(scores_BxSxHkxHr, axis=1).astype(v_BxSxHkxE.dtype)
+  out_BxHkxHrxE = jnp.sum(probs[..., None] * v_BxSxHkxE[:, :, :, None], axis=1)
+  return out_BxHkxHrxE[:, None]
 
 
 class MLP(nnx.Module):
@@ -326,7 +326,7 @@ class Decoder(nnx.Module):
     _, layer_state = nnx.split(self.layers)
     if fuse and self.lora is not None:
       raise ValueError('fused decode weights ignore LoRA adapters: sample with the merged '
-                       'plain model (opd_jax.lora.merge_params)')
+                       'plain model (opd_jax.models.lora.merge_params)')
     out = []
     for i in range(self.cfg.num_layers):
       state = jax.tree.map(lambda x, i=i: x[i], layer_state)

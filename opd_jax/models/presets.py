@@ -1,7 +1,7 @@
 """Architecture presets: the public Hugging Face `config.json` values of common checkpoints.
 
 The recipes in configs/ name checkpoints such as `/ckpt/Qwen3-1.7B` that exist only on the
-machine that trains. Tools that need the architecture but no weights (`opd_jax.aot`, the
+machine that trains. Tools that need the architecture but no weights (`opd_jax.tools.aot`, the
 ahead-of-time compile and memory check) fall back to the preset whose name is the missing
 path's basename, so a recipe can be sized before its checkpoints are copied anywhere.
 

@@ -8,10 +8,10 @@ beta=1 = reverse KL). Prompts: exactly --prompt-len random characters. Fixed len
 --eos-prob): min_new_tokens = max_new_tokens = --new-tokens. --eos-prob P: `StopBias`, a
 transformers LogitsProcessor that is the torch twin of opd_jax.bench.rollout.stop_bias_fn
 (the stop logit becomes logsumexp(others) + log(P / (1 - P)), so p(stop) = P at every step;
-tests/test_bench.py checks the two agree), is passed to the student's `generate()` on every
+tests/bench/test_bench.py checks the two agree), is passed to the student's `generate()` on every
 rollout (DistillationTrainer builds its GenerationConfig itself and has no logits-processor
 argument, so the student's `generate` is wrapped), and the stop token is the one bench.step
-uses: the smallest of the checkpoint's and the tokenizer's eos ids (opd_jax.builder.stop_ids).
+uses: the smallest of the checkpoint's and the tokenizer's eos ids (opd_jax.training.builder.stop_ids).
 Prints per-step seconds, the mean completion length per step, and `s_per_step=<median>`
 (after one warm-up step). Run in the separate venv made by tests/reference/make_trl_env.sh,
 never the project's.

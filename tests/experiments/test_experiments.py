@@ -1,0 +1,129 @@
+"""The compute-efficiency experiment's pipeline (`--quick`, a few minutes on a CPU): every
+stage runs, the outputs exist, and the FLOP accounting adds up. Never asserts a result."""
+
+import json
+import os
+
+import pytest
+
+
+def test_chain_task_checker_and_splits(tmp_path):
+  from opd_jax.tasks import chain
+  assert chain.solve('7+5*3-9+4') == '7+5=2\n2*3=6\n6-9=7\n7+4=1\n#### 1'
+  assert chain.check('7+5=2\n#### 1', '7+5*3-9+4') and not chain.check('#### 2', '7+5*3-9+4')
+  paths = chain.write_dataset(str(tmp_path), n_train=300, n_val=20, n_eval=20, seed=0)
+  sets = {}
+  for name in ('train', 'val', 'eval'):
+    with open(paths[name]) as f:
+      recs = [json.loads(line) for line in f]
+    sets[name] = {r['prompt'] for r in recs}
+    for r in recs:
+      assert chain.check(r['response'], r['prompt']) and r['ground_truth'] == str(
+          chain.answer(r['prompt']))
+  assert not sets['train'] & sets['eval'] and not sets['train'] & sets['val']
+  assert not sets['val'] & sets['eval']
+
+
+@pytest.mark.e2e
+def test_quick_pipeline_runs_and_flops_add_up(tmp_path, capsys):
+  from opd_jax.experiments import compute_efficiency as ce
+  summary = ce.run_experiment(str(tmp_path), seed=0, quick=True)
+  out = capsys.readouterr().out.rstrip().splitlines()
+  assert any(line.startswith('| OPD (pure) |') for line in out[-8:])
+  for f in ('results.md', 'results.json', 'accuracy_vs_flops.png'):
+    assert os.path.exists(tmp_path / f), f
+  assert set(summary['rows']) == {'opd', 'sft_teacher', 'grpo', 'mixed'}
+  for name in ('opd', 'sft_teacher', 'grpo', 'mixed'):
+    res_path = next(p for p in os.listdir(tmp_path) if p.startswith(name + '_lr'))
+    with open(tmp_path / res_path / 'result.json') as f:
+      hist = json.load(f)['history']
+    phases = {k: v for k, v in hist.items() if k.startswith('compute/flops/')
+              and k != 'compute/flops/total'}
+    total = hist['compute/flops/total']
+    for i, (step, value) in enumerate(total):  # at every logged step
+      parts = sum(dict(v).get(step, 0.0) for v in phases.values())
+      assert value == pytest.approx(parts, rel=1e-9), (name, step)
+    assert total[-1][1] > 0
+    last = {k[len('compute/flops/'):]: v[-1][1] for k, v in phases.items()}
+    scoring = sum(v for k, v in last.items() if k.startswith('scoring/'))
+    if name == 'sft_teacher':
+      assert last.get('teacher_sampling', 0) > 0 and scoring == 0
+    elif name == 'grpo':
+      assert scoring == 0 and last.get('teacher_sampling', 0) == 0 and last['rollout'] > 0
+    else:  # opd, mixed: the teacher scores the student's samples
+      assert scoring > 0 and last['rollout'] > 0
+    # every evaluation step has a cumulative FLOP count
+    ce.accuracy_curve(hist)
+  # a rerun reuses every finished stage
+  again = ce.run_experiment(str(tmp_path), seed=0, quick=True)
+  assert again['rows']['opd']['accuracy'] == summary['rows']['opd']['accuracy']
+  assert 'reused' in capsys.readouterr().out
+  ce.aggregate([str(tmp_path), str(tmp_path)])
+
+
+def test_subtraction_task_and_facts():
+  from opd_jax.tasks import arithmetic, facts
+  assert arithmetic.solve_sub(583, 267) == '13-7-0=6\n8-6-1=1\n5-2-0=3\n#### 316'
+  # the noisy solution takes the borrow but never pays it back
+  assert arithmetic.solve_sub(583, 267, forget_borrow=True).endswith('#### 326')
+  assert arithmetic.solve_sub(1000, 1).endswith('#### 999')
+  with pytest.raises(ValueError, match='a >= b'):
+    arithmetic.solve_sub(1, 2)
+  import random
+  rng = random.Random(0)
+  for _ in range(500):
+    a = rng.randint(100, 999)
+    b = rng.randint(100, a)
+    assert arithmetic.solve_sub(a, b).rsplit('#### ', 1)[1] == str(a - b)
+  ev = arithmetic.make_records(50, seed=1, op='-', tag='sub')
+  tr = arithmetic.make_records(500, seed=0, op='-', tag='sub', carry_error_rate=0.5,
+                               exclude={r['prompt'] for r in ev})
+  assert not {r['prompt'] for r in ev} & {r['prompt'] for r in tr}
+  assert all(r['tag'] == 'sub' and int(r['ground_truth']) >= 0 for r in tr)
+  assert any(r['source'] == 'synthetic-noisy' for r in tr)
+  fs = facts.make_facts(100, seed=0)
+  assert len({r['prompt'] for r in fs}) == 100
+  assert all(r['response'] == f'#### {r["ground_truth"]}' for r in fs)
+
+
+@pytest.mark.e2e
+def test_gopd_quick_pipeline_runs(tmp_path, capsys):
+  from opd_jax.experiments import gopd
+  summary = gopd.run_experiment(str(tmp_path), seed=0, quick=True)
+  out = capsys.readouterr().out.rstrip().splitlines()
+  assert any(line.startswith('| ExOPD + reward correction') for line in out[-6:])
+  for f in ('results.md', 'results.json', 'accuracy_vs_lambda.png', 'per_domain.png'):
+    assert os.path.exists(tmp_path / f), f
+  assert set(summary['multi']) == {'sft', 'opd', 'exopd'}
+  for name in ('lambda1.25', 'rc_exopd_corrected'):  # G-OPD counts the reference's FLOPs
+    with open(tmp_path / name / 'result.json') as f:
+      hist = json.load(f)['history']
+    assert hist['compute/flops/reference'][-1][1] > 0
+  with open(tmp_path / 'multi_sft' / 'result.json') as f:  # both experts sampled
+    assert json.load(f)['history']['compute/flops/teacher_sampling'][-1][1] > 0
+  gopd.aggregate([str(tmp_path), str(tmp_path)], str(tmp_path / 'agg'))
+  assert os.path.exists(tmp_path / 'agg' / 'aggregate.md')
+
+
+@pytest.mark.e2e
+def test_continual_quick_pipeline_runs(tmp_path, capsys):
+  from opd_jax.experiments import continual
+  summary = continual.run_experiment(str(tmp_path), seed=0, quick=True)
+  out = capsys.readouterr().out.rstrip().splitlines()
+  assert any(line.startswith('| + knowledge SFT (facts + replay), then OPD') for line in out[-6:])
+  for f in ('results.md', 'results.json', 'continual.png'):
+    assert os.path.exists(tmp_path / f), f
+  assert set(summary['rows']) == {'post', 'sft_facts', 'sft_mix', 'sft_facts_opd',
+                                 'sft_mix_opd'}
+  continual.aggregate([str(tmp_path), str(tmp_path)], str(tmp_path / 'agg'))
+
+
+@pytest.mark.e2e
+def test_divergences_quick_pipeline_runs(tmp_path, capsys):
+  from opd_jax.experiments import divergences as dv
+  summary = dv.run_experiment(str(tmp_path), seed=0, quick=True)
+  out = capsys.readouterr().out.rstrip().splitlines()
+  assert any(line.startswith('| exact reverse KL') for line in out[-6:])
+  for f in ('results.md', 'results.json', 'divergences.png'):
+    assert os.path.exists(tmp_path / f), f
+  assert set(summary['rows']) == set(dv.METHODS) and set(dv.METHODS) <= set(summary['grad'])
