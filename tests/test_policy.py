@@ -238,7 +238,7 @@ def test_single_turn_eval_reverse_kl_is_that_of_the_truncated_policy(models):
   and q the tempered teacher (before, evaluation sampled and scored with T alone: 0.234
   here, with 10 of 128 sampled tokens outside the kept set, against 0.0834 now)."""
   import types
-  from opd_jax import evaluation
+  from opd_jax.training import evaluation
   from opd_jax.data import Record
   student, teacher = models
   temp, top_k, top_p = 0.8, 5, 0.9

@@ -124,7 +124,7 @@ def test_a_gopd_reference_with_another_vocabulary_stops_before_any_weights_load(
   """Like a teacher, the G-OPD reference scores the student's token ids, so its tokenizer
   must match; the check runs before the student's (or any) weights load."""
   from opd_jax.data import VocabMismatchError
-  from opd_jax.tiny import build_char_tokenizer, make_tiny_checkpoint
+  from opd_jax.models.tiny import build_char_tokenizer, make_tiny_checkpoint
   other = make_tiny_checkpoint(str(tmp_path / 'ref'), tokenizer=build_char_tokenizer(
       chars='0123456789+-=#abcdefghijklmnopqrstuvwxyz \n'))
   loaded = []

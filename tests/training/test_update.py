@@ -159,7 +159,7 @@ def test_streamed_full_vocab_terms_equal_the_top_k_term_at_k_equal_v(hf_checkpoi
 def full_vocab_inputs(hf_checkpoints):
   """A 2-row batch whose row 0 the teacher scored and row 1 it did not (zeros there, as
   `score_teachers` scatters them), with the teacher's top-k (K = 20) and hidden states."""
-  from opd_jax.scoring import score_model
+  from opd_jax.teachers.scoring import score_model
   teacher = load_pretrained(hf_checkpoints['qwen3'])
   raw = {k: jnp.asarray(v[:2]) for k, v in _batch(3).items()}
   raw['advantages'] = jnp.zeros_like(raw['advantages'])  # only the divergence has a gradient
@@ -170,8 +170,8 @@ def full_vocab_inputs(hf_checkpoints):
 
 
 def _row_grads(model_parts, full_vocab_inputs, option, rows, teacher_rows):
-  from opd_jax.losses import needs_teacher_hidden
-  from opd_jax.update import UpdateBatch, _loss_terms
+  from opd_jax.objectives.losses import needs_teacher_hidden
+  from opd_jax.training.update import UpdateBatch, _loss_terms
   graphdef, params = model_parts
   raw, t_out, w = full_vocab_inputs
   spec = LossSpec(temperature=0.8, full_vocab=option, full_vocab_coef=1.0, full_vocab_top_k=20,
@@ -216,7 +216,7 @@ def test_full_vocab_term_is_exactly_zero_on_rows_the_teacher_did_not_score(
 def teacher_scores(hf_checkpoints):
   """4 rows of _batch(5) scored by the qwen3 teacher at T = 0.8 (top-20 and hidden states),
   with the teacher's tempered logits in float64 for the NumPy references."""
-  from opd_jax.scoring import score_model
+  from opd_jax.teachers.scoring import score_model
   teacher = load_pretrained(hf_checkpoints['qwen3'])
   raw = {k: jnp.asarray(v[:4]) for k, v in _batch(5).items()}
   out = score_model(teacher, raw['tokens'], raw['attention_mask'], temperature=0.8, top_k=20,
@@ -236,8 +236,8 @@ def test_full_vocab_terms_compare_the_truncated_policy_with_the_teacher(
   untruncated teacher: the update's loss/full_vocab equals a float64 NumPy mean over the
   response tokens (before, the term used the untruncated student)."""
   from test_losses import np_kl_support, np_log_softmax, np_truncated_log_softmax
-  from opd_jax.losses import needs_teacher_hidden
-  from opd_jax.update import UpdateBatch, _loss_terms
+  from opd_jax.objectives.losses import needs_teacher_hidden
+  from opd_jax.training.update import UpdateBatch, _loss_terms
   graphdef, params = model_parts
   raw, t_out, w, x_t = teacher_scores
   temp, beta, k = 0.8, 0.3, 20
