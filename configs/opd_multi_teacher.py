@@ -11,8 +11,8 @@ a code specialist and a general teacher with tags=[] that scores every record.
 Routing: a 'math' record gets A = -(1.0 * KL_math + 0.2 * KL_general); a 'code' record
 -(1.0 * KL_code + 0.2 * KL_general); a 'general' record -(0.2 * KL_general). Each teacher
 scores only its routed rows. Sized for a v5p-64 slice: the 32B math teacher (bf16, 64 GB)
-is tensor-parallel on its own 16 chips (devices='0:16'), the others share the student's
-mesh. Prompts are interleaved 40% math / 40% code / 20% general; math uses Qwen3's thinking
+is tensor-parallel (8-way, rows over 2) on its own 16 chips (devices='0:16'), the others
+share the student's mesh. Prompts are interleaved 40% math / 40% code / 20% general; math uses Qwen3's thinking
 template, code and chat do not. Held-out accuracy is logged per tag (math-verify, sandboxed
 code tests) with pass@1 and pass@4.
 
@@ -32,7 +32,7 @@ def get_config(arg=None):
   c.student.model = '/ckpt/Qwen3-4B'
   c.student.compute_dtype = 'bfloat16'
   c.teachers.math = teacher('/ckpt/Qwen3-32B', kl_coef=1.0, tags=['math'], dtype='bfloat16',
-                            sharding='tp', devices='0:16')
+                            sharding='tp', devices='0:16', mesh=dict(fsdp=2, tensor=8))
   c.teachers.code = teacher('/ckpt/Qwen3-14B', kl_coef=1.0, tags=['code'], dtype='bfloat16')
   c.teachers.general = teacher('/ckpt/Qwen3-8B', kl_coef=0.2, tags=[], dtype='bfloat16')
   c.data.train = dict(math='/data/math.jsonl', code='/data/code.jsonl',
