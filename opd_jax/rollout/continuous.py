@@ -41,8 +41,8 @@ from flax import nnx
 from opd_jax import sharding as shd
 from opd_jax.models.decoder import init_cache
 from opd_jax.buckets import batch_bucket
-from opd_jax.rollout.decode import (DecodeState, SamplingParams, cache_spec, prefill, row_keys,
-                                    select)
+from opd_jax.rollout.decode import (DecodeState, SamplingParams, cache_spec, decode_layers,
+                                    decode_step, prefill, row_keys, stop_hit)
 
 
 @dataclasses.dataclass
@@ -140,27 +140,23 @@ def _segment(graphdef, params, st: SlotState, need, key, *, sp: SamplingParams, 
              logits_fn=None):
   """Decodes every slot until at least `need` slots are done or the write slot reaches S."""
   model = nnx.merge(graphdef, params)
-  layers = model.split_layers(fuse=shd.mesh_axis_size('tensor') == 1)
+  layers = decode_layers(model)
   n = sp.max_new_tokens
   cache_len = st.kv_mask.shape[1]
-  stop_ids = jnp.asarray(sp.stop_ids or (-1,), jnp.int32)
   col_N = jnp.arange(n)[None, :]
 
   def cond(st: SlotState):
     return (st.dec.step < cache_len) & (jnp.sum(st.dec.done) < need)
 
   def body(st: SlotState):
+    # every slot writes at the shared cache slot `step`; its request's step i goes to column i
     d = st.dec
-    logits = d.logits if logits_fn is None else logits_fn(d.logits)
-    token, logp = select(logits, row_keys(key, jnp.maximum(st.req, 0), st.i), sp)
-    live = ~d.done
-    token = jnp.where(live, token, pad_id).astype(jnp.int32)
+    token, logp, live, logits, cache = decode_step(
+        model, layers, d.logits, d.cache, row_keys(key, jnp.maximum(st.req, 0), st.i), d.done,
+        st.prompt_len + st.i, st.kv_mask, d.step, sp=sp, pad_id=pad_id, logits_fn=logits_fn)
     hit = (col_N == st.i[:, None]) & live[:, None]
-    stop = jnp.isin(token, stop_ids) | (st.i + 1 >= n)
-    hidden, cache = model.hidden(token[:, None],
-                                 positions_BxT=(st.prompt_len + st.i)[:, None], cache=d.cache,
-                                 kv_mask_BxS=st.kv_mask, start=d.step, unrolled=layers)
-    dec = DecodeState(d.step + 1, cache, d.done | (live & stop), model.logits(hidden)[:, 0],
+    stop = stop_hit(token, sp) | (st.i + 1 >= n)
+    dec = DecodeState(d.step + 1, cache, d.done | (live & stop), logits,
                       jnp.where(hit, token[:, None], d.tokens), jnp.where(hit, 1, d.mask),
                       jnp.where(hit, logp[:, None], d.logps))
     return SlotState(dec, jnp.where(live, st.i + 1, st.i), st.req, st.kv_mask, st.prompt_len,

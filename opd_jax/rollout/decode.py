@@ -1,8 +1,10 @@
 """The pieces every rollout engine shares: `SamplingParams`, per-request draw keys
 (`row_keys`), one token drawn from the policy (`select`), the decode carry (`DecodeState`),
-the KV-cache sharding (`cache_spec`) and the prompt prefill (`prefill`). The static sampler
-(`sampler`), the continuous batcher (`continuous`) and the multi-turn sampler (`multiturn`)
-import them from here.
+the KV-cache sharding (`cache_spec`), the prompt prefill (`prefill`) and the one decode step
+(`decode_layers`, then `decode_step` per generated token). The static sampler (`sampler`),
+the continuous batcher (`continuous`) and the multi-turn sampler (`multiturn`) import them
+from here; each runs `decode_step` in its own `while_loop`, which differs only in where a
+row's token is stored and when a row stops.
 
 Legend (docs/design.md §7): B rows, P prompt slots, S cache slots, V vocabulary.
 """
@@ -115,3 +117,33 @@ def prefill(graphdef, params, prompt_ids_BxP, prompt_mask_BxP, *, max_new_tokens
                                kv_mask_BxS=kv_mask_BxS, start=0)
   logits = model.logits(hidden[:, -1:])[:, 0]
   return cache, logits
+
+
+def decode_layers(model):
+  """Per-layer decode weights for `decode_step`: sliced (and q/k/v, gate/up fused unless
+  'tensor' splits them) once, outside the decode loop."""
+  return model.split_layers(fuse=shd.mesh_axis_size('tensor') == 1)
+
+
+def decode_step(model, layers, logits_BxV, cache, keys_B, done_B, positions_B, kv_mask_BxS,
+                write_slot, *, sp: SamplingParams, pad_id: int, logits_fn=None):
+  """One generated token for every row, the body every decode loop shares.
+
+  Draws row b's token from the policy of `logits_BxV` with its key `keys_B[b]` (a row
+  already done emits `pad_id`), then runs the tokens through the model at position
+  `positions_B` and cache slot `write_slot`, attending to the slots `kv_mask_BxS` marks.
+  Returns (token [B] int32, logp [B] (0 where done), live [B] = ~done, the next logits
+  [B, V], the updated cache). `logits_fn` (benchmarks and tests only) transforms the logits
+  before the policy."""
+  logits = logits_BxV if logits_fn is None else logits_fn(logits_BxV)
+  token, logp = select(logits, keys_B, sp)
+  live = ~done_B
+  token = jnp.where(live, token, pad_id).astype(jnp.int32)
+  hidden, cache = model.hidden(token[:, None], positions_BxT=positions_B[:, None], cache=cache,
+                               kv_mask_BxS=kv_mask_BxS, start=write_slot, unrolled=layers)
+  return token, jnp.where(live, logp, 0.0), live, model.logits(hidden)[:, 0], cache
+
+
+def stop_hit(token_B, sp: SamplingParams):
+  """Whether each row's token is one of `sp.stop_ids`."""
+  return jnp.isin(token_B, jnp.asarray(sp.stop_ids or (-1,), jnp.int32))

@@ -52,7 +52,8 @@ from flax import nnx
 from opd_jax import envs as envs_lib
 from opd_jax import sharding as shd
 from opd_jax.buckets import DEFAULT_PROMPT_BUCKETS, batch_bucket, bucket, left_pad
-from opd_jax.rollout.decode import SamplingParams, prefill, row_keys, select
+from opd_jax.rollout.decode import (SamplingParams, decode_layers, decode_step, prefill, row_keys,
+                                    stop_hit)
 
 log = logging.getLogger(__name__)
 
@@ -123,33 +124,31 @@ def _turn(graphdef, params, cache, kv_mask_BxS, logits_BxV, pos_B, done_B, limit
   stop id or reaches limit_B tokens. Returns (tokens, mask, logps [B, n], steps run, cache,
   kv_mask, positions)."""
   model = nnx.merge(graphdef, params)
-  layers = model.split_layers(fuse=shd.mesh_axis_size('tensor') == 1)
+  layers = decode_layers(model)
   b = done_B.shape[0]
   n = sp.max_new_tokens
-  stop_ids = jnp.asarray(sp.stop_ids or (-1,), jnp.int32)
   request_B = jnp.arange(b, dtype=jnp.int32)
 
   def cond(st):
     return (st['i'] < n) & ~jnp.all(st['done'])
 
   def body(st):
+    # every row writes its turn step i at cache slot g + i, a slot its kv mask opens if live
     i = st['i']
-    logits = st['logits'] if logits_fn is None else logits_fn(st['logits'])
-    token, logp = select(logits, row_keys(key, request_B, jnp.broadcast_to(i, (b,))), sp)
-    live = ~st['done']
-    token = jnp.where(live, token, pad_id).astype(jnp.int32)
+    kv = jax.lax.dynamic_update_slice(st['kv'], (~st['done'])[:, None].astype(st['kv'].dtype),
+                                      (0, g + i))
+    token, logp, live, logits, cache = decode_step(
+        model, layers, st['logits'], st['cache'], row_keys(key, request_B, jnp.broadcast_to(
+            i, (b,))), st['done'], st['pos'], kv, g + i, sp=sp, pad_id=pad_id,
+        logits_fn=logits_fn)
     at = (0, i)
-    kv = jax.lax.dynamic_update_slice(st['kv'], live[:, None].astype(st['kv'].dtype), (0, g + i))
-    hidden, cache = model.hidden(token[:, None], positions_BxT=st['pos'][:, None],
-                                 cache=st['cache'], kv_mask_BxS=kv, start=g + i, unrolled=layers)
     return {
-        'i': i + 1, 'cache': cache, 'kv': kv, 'logits': model.logits(hidden)[:, 0],
+        'i': i + 1, 'cache': cache, 'kv': kv, 'logits': logits,
         'pos': st['pos'] + live.astype(jnp.int32),
-        'done': st['done'] | (live & (jnp.isin(token, stop_ids) | (i + 1 >= limit_B))),
+        'done': st['done'] | (live & (stop_hit(token, sp) | (i + 1 >= limit_B))),
         'tokens': jax.lax.dynamic_update_slice(st['tokens'], token[:, None], at),
         'mask': jax.lax.dynamic_update_slice(st['mask'], live[:, None].astype(jnp.int32), at),
-        'logps': jax.lax.dynamic_update_slice(st['logps'], jnp.where(live, logp, 0.0)[:, None],
-                                              at)}
+        'logps': jax.lax.dynamic_update_slice(st['logps'], logp[:, None], at)}
 
   init = {'i': jnp.int32(0), 'cache': cache, 'kv': kv_mask_BxS, 'logits': logits_BxV,
           'pos': pos_B, 'done': done_B | (limit_B < 1),
@@ -164,7 +163,7 @@ def _observe(graphdef, params, cache, kv_mask_BxS, logits_BxV, pos_B, ids_BxO, m
   """Prefills each row's observation (left-padded to O) at cache slots [g, g + O), attending
   to the whole cache so far. Returns (cache, kv_mask, the next turn's first logits, pos)."""
   model = nnx.merge(graphdef, params)
-  layers = model.split_layers(fuse=shd.mesh_axis_size('tensor') == 1)
+  layers = decode_layers(model)
   mask = mask_BxO.astype(kv_mask_BxS.dtype)
   kv = jax.lax.dynamic_update_slice(kv_mask_BxS, mask, (0, g))
   positions = pos_B[:, None] + jnp.maximum(jnp.cumsum(mask_BxO, axis=-1) - 1, 0)

@@ -43,8 +43,8 @@ from flax import nnx
 from opd_jax.buckets import DEFAULT_PROMPT_BUCKETS, batch_bucket, bucket, left_pad
 from opd_jax import sharding as shd
 from opd_jax.rollout.continuous import ContinuousBatcher
-from opd_jax.rollout.decode import (DecodeState, SamplingParams, prefill, row_keys,
-                                    select)
+from opd_jax.rollout.decode import (DecodeState, SamplingParams, decode_layers, decode_step,
+                                    prefill, row_keys, stop_hit)
 
 
 
@@ -85,36 +85,28 @@ jax.tree_util.register_dataclass(
 def _decode(graphdef, params, cache, logits_BxV, prompt_mask_BxP, done_B, key, *,
             sp: SamplingParams, pad_id: int, logits_fn=None):
   model = nnx.merge(graphdef, params)
-  # Sliced (and q/k/v, gate/up fused unless 'tensor' splits them) once, outside the loop.
-  fuse = shd.mesh_axis_size('tensor') == 1
-  layers = model.split_layers(fuse=fuse)
+  layers = decode_layers(model)
   b, p = prompt_mask_BxP.shape
   n = sp.max_new_tokens
   kv_mask_BxS = jnp.concatenate([prompt_mask_BxP, jnp.ones((b, n), prompt_mask_BxP.dtype)], 1)
   prompt_len_B = prompt_mask_BxP.sum(axis=-1)
-  stop_ids = jnp.asarray(sp.stop_ids or (-1,), jnp.int32)
   request_B = jnp.arange(b, dtype=jnp.int32)  # row r is request r
 
   def cond(st: DecodeState):
     return (st.step < n) & ~jnp.all(st.done)
 
   def body(st: DecodeState):
-    logits = st.logits if logits_fn is None else logits_fn(st.logits)
-    keys = row_keys(key, request_B, jnp.broadcast_to(st.step, (b,)))
-    token, logp = select(logits, keys, sp)
-    token = jnp.where(st.done, pad_id, token).astype(jnp.int32)
-    live = ~st.done
-    tokens = jax.lax.dynamic_update_slice(st.tokens, token[:, None], (0, st.step))
-    mask = jax.lax.dynamic_update_slice(st.mask, live[:, None].astype(jnp.int32), (0, st.step))
-    logps = jax.lax.dynamic_update_slice(st.logps, jnp.where(live, logp, 0.0)[:, None],
-                                         (0, st.step))
-    done = st.done | jnp.isin(token, stop_ids)
-    hidden, cache = model.hidden(token[:, None],
-                                 positions_BxT=(prompt_len_B + st.step)[:, None],
-                                 cache=st.cache, kv_mask_BxS=kv_mask_BxS, start=p + st.step,
-                                 unrolled=layers)
-    return DecodeState(st.step + 1, cache, done, model.logits(hidden)[:, 0], tokens, mask,
-                       logps)
+    # every row writes its response step `step` at cache slot P + step
+    token, logp, live, logits, cache = decode_step(
+        model, layers, st.logits, st.cache, row_keys(key, request_B, jnp.broadcast_to(
+            st.step, (b,))), st.done, prompt_len_B + st.step, kv_mask_BxS, p + st.step,
+        sp=sp, pad_id=pad_id, logits_fn=logits_fn)
+    at = (0, st.step)
+    return DecodeState(
+        st.step + 1, cache, st.done | stop_hit(token, sp), logits,
+        jax.lax.dynamic_update_slice(st.tokens, token[:, None], at),
+        jax.lax.dynamic_update_slice(st.mask, live[:, None].astype(jnp.int32), at),
+        jax.lax.dynamic_update_slice(st.logps, logp[:, None], at))
 
   init = DecodeState(jnp.int32(0), cache, done_B, logits_BxV,
                      jnp.full((b, n), pad_id, jnp.int32), jnp.zeros((b, n), jnp.int32),
