@@ -9,7 +9,7 @@ Sized for a TPU v5e-16 slice (16 chips x 16 GiB HBM), mesh fsdp=16 (see launch/)
   teacher 8B in bf16 = 15 GiB -> 0.95 GiB/chip; the rest is activations and KV cache
   (64 prompts x 4 samples x (1k prompt + 4k response) tokens, bf16 compute, remat).
   `python -m opd_jax.tools.aot --config configs/opd_single_teacher.py --topology v5e-16` (XLA:TPU
-  through libtpu, no TPU needed) puts the step's peak at 14.58 GiB per chip, in the rollout,
+  through libtpu, no TPU needed) puts the step's peak at 15.11 GiB per chip, in the rollout,
   whose bf16 KV cache alone is 8.75 GiB/chip; launch/README.md has the table.
 Pure OPD (tinker / ROLL is_pure_opd): A = -kl_coef * (s_b - t), importance-sampled policy
 loss, one optimizer step per rollout batch. Expect the reverse KL to the teacher to fall
