@@ -399,7 +399,9 @@ class MultiTurnSampler:
     truncated = np.zeros((b,), np.int32)
     steps_total = 0
     pool = ThreadPoolExecutor(max(1, min(self.max_workers, b)))
-    params = params if self.layout is None else self.layout.put(params)
+    if self.layout is not None:  # parameters and key on the rollout layout's mesh
+      params = self.layout.put(params)
+      key = jax.device_put(key, shd.replicated(self.run_mesh))
     ctx = jax.set_mesh(self.run_mesh) if self.run_mesh is not None else _null()
     try:
       with ctx:

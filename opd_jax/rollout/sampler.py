@@ -239,7 +239,9 @@ class Sampler:
       done[b:] = True
     use_continuous = (self.continuous is not None and pcount == 1
                       and b > self.continuous.num_slots(mult))
-    params = params if self.layout is None else self.layout.put(params)
+    if self.layout is not None:  # parameters and key on the rollout layout's mesh
+      params = self.layout.put(params)
+      key = jax.device_put(key, shd.replicated(self.run_mesh))
     ctx = (jax.set_mesh(self.run_mesh) if self.run_mesh is not None
            else contextlib.nullcontext())
     with ctx:

@@ -119,9 +119,11 @@ def test_sampler_reshards_parameters_not_on_its_layout(fsdp_llama):
   for x, want in zip(jax.tree.leaves(placed), jax.tree.leaves(lay.shardings(params))):
     assert x.sharding == want
   assert lay.put(placed) is placed  # already there: no copy
-  sp = SamplingParams(max_new_tokens=6, temperature=0.0)
-  a = Sampler(graphdef, mesh=mesh, layout=lay)(params, PROMPTS, jax.random.key(0), sp)
-  b = Sampler(graphdef, mesh=mesh)(params, PROMPTS, jax.random.key(0), sp)
+  sp = SamplingParams(max_new_tokens=6, temperature=1.0)
+  with jax.set_mesh(mesh):  # a key made under the caller's mesh, as an experiment does
+    key = jax.random.fold_in(jax.random.key(0), 1)
+    a = Sampler(graphdef, mesh=mesh, layout=lay)(params, PROMPTS, key, sp)
+  b = Sampler(graphdef, mesh=mesh)(params, PROMPTS, jax.random.fold_in(jax.random.key(0), 1), sp)
   np.testing.assert_array_equal(np.asarray(a.tokens), np.asarray(b.tokens))
 
 
