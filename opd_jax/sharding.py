@@ -363,6 +363,15 @@ class RolloutLayout:
     """NamedShardings of `params` (arrays or ShapeDtypeStructs) on this layout."""
     return param_shardings(params, self.mesh, self.rules)
 
+  def put_key(self, key):
+    """The draw key replicated on this layout's mesh when it carries another mesh (a key made
+    under the caller's `jax.set_mesh`); a plain key, such as each process's own on a
+    multi-host run, is left as it is."""
+    s = getattr(key, 'sharding', None)
+    if isinstance(s, NamedSharding) and s.mesh != self.mesh:
+      return jax.device_put(key, replicated(self.mesh))
+    return key
+
   def put(self, params):
     """`params` on this layout: unchanged when already there, else resharded (once per
     rollout: a teacher sampling for SFT, a caller that did not cast onto the layout)."""

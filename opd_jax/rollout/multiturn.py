@@ -401,7 +401,7 @@ class MultiTurnSampler:
     pool = ThreadPoolExecutor(max(1, min(self.max_workers, b)))
     if self.layout is not None:  # parameters and key on the rollout layout's mesh
       params = self.layout.put(params)
-      key = jax.device_put(key, shd.replicated(self.run_mesh))
+      key = self.layout.put_key(key)
     ctx = jax.set_mesh(self.run_mesh) if self.run_mesh is not None else _null()
     try:
       with ctx:

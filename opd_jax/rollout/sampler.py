@@ -241,7 +241,7 @@ class Sampler:
                       and b > self.continuous.num_slots(mult))
     if self.layout is not None:  # parameters and key on the rollout layout's mesh
       params = self.layout.put(params)
-      key = jax.device_put(key, shd.replicated(self.run_mesh))
+      key = self.layout.put_key(key)
     ctx = (jax.set_mesh(self.run_mesh) if self.run_mesh is not None
            else contextlib.nullcontext())
     with ctx:
