@@ -28,6 +28,7 @@ from opd_jax.objectives import estimators as adv_lib
 from opd_jax.training import flops as compute
 from opd_jax.training import evaluation
 from opd_jax.rollout import multiturn
+from opd_jax.rollout.engine import rollout_arrays, rollout_token_counts
 from opd_jax.training import episodes as episodes_lib
 from opd_jax.objectives import advantages as token_adv
 from opd_jax.training import batches as steps
@@ -121,7 +122,12 @@ class Loop:
   ckpt: Checkpointer
   base_key: Any
   cast: Any                             # params -> params in the compute dtype
-  agent: Any = None                     # multiturn.MultiTurnSampler (config.agent.tag_to_env)
+  engine: Any = None                    # rollout.engine.RolloutEngine of the OPD step
+
+  @property
+  def agent(self):
+    """The engine's multi-turn sampler (config.agent.tag_to_env), or None."""
+    return getattr(self.engine, 'agent', None)
 
   def local(self, records):
     return data_lib.host_slice(records, jax.process_index(), jax.process_count())
@@ -208,7 +214,7 @@ def run(config, workdir: str) -> dict:
     writer.history = {k: [tuple(x) for x in v] for k, v in meta.get('history', {}).items()}
   loop = Loop(config, r, data, writer, compute.FlopCounter(meta.get('flops')), ckpt,
               jax.random.key(config.seed), r.cast_fn(),
-              episodes_lib.from_config(config, r, data.tokenizer, data.encoder))
+              episodes_lib.rollout_engine(config, r, data.tokenizer, data.encoder))
   for t in r.teachers:
     if t.cfg is None:
       log.warning('teacher %r is remote: its scoring FLOPs are not counted (its architecture '
@@ -254,7 +260,7 @@ def sft_batch(loop: Loop, key) -> tuple[UpdateBatch, dict]:
     out = r.teacher_sampler(r.teachers[0].params, d.encoder.encode_batch(local),
                             jax.random.fold_in(key, 0), r.teacher_sp)
     loop.flops.add('teacher_sampling', _rollout_flops(r.teachers[0].cfg, out))
-    tokens, attn, lmask, _ = steps.rollout_arrays(out)
+    tokens, attn, lmask, _ = rollout_arrays(out)
     batch = jax.device_put(UpdateBatch(tokens, attn, lmask), shd.batch_sharding(r.mesh))
     return batch, {}
   arrays = steps.sft_batch(d.encoder, d.tokenizer, local, response_field=c.sft.response_field,
@@ -321,24 +327,15 @@ def opd_batch(loop: Loop, state, key) -> tuple[UpdateBatch, dict]:
   metrics: dict[str, float] = {}
   # ------------------------------------------------------------------------- rollout
   t0 = time.time()
-  episodes = None
-  if loop.agent is not None:  # multi-turn episodes; the loss mask is the student's tokens
-    episodes = loop.agent(loop.cast(state['params']), local, jax.random.fold_in(key, 0),
-                          temperature=c.rollout.temperature, top_k=c.rollout.top_k,
-                          top_p=c.rollout.top_p)
-    tokens, attn, lmask, s_b = episodes.arrays(r.mesh)
-    metrics.update(episodes.metrics(tags))
-  else:
-    rollout = r.sampler(loop.cast(state['params']), d.encoder.encode_batch(local),
-                        jax.random.fold_in(key, 0), r.rollout_sp)
-    tokens, attn, lmask, s_b = steps.rollout_arrays(rollout)
-  jax.block_until_ready(s_b)
+  rollout = loop.engine(loop.cast(state['params']), local, jax.random.fold_in(key, 0))
+  tokens, attn, lmask, s_b = (rollout.tokens, rollout.attention_mask, rollout.loss_mask,
+                              rollout.behaviour_logprobs)
   t_rollout = time.time() - t0
+  metrics.update(rollout.metrics)
   # the cast parameters' relayout onto the rollout layout, per device (docs/design.md §5)
   metrics['rollout/reshard_bytes'] = float(r.rollout_reshard_bytes)
   gen_tokens = float(jnp.sum(lmask))
-  loop.flops.add('rollout', _rollout_flops(r.student_cfg, rollout) if episodes is None
-                 else episodes_lib.rollout_flops(r.student_cfg, episodes))
+  loop.flops.add('rollout', rollout.flops)
   # ----------------------------------------------------------------- teacher scoring
   t0 = time.time()
   route = route_matrix(tags, r.specs)
@@ -356,8 +353,7 @@ def opd_batch(loop: Loop, state, key) -> tuple[UpdateBatch, dict]:
   # ------------------------------------------------------------------------ rewards
   outcome = None
   if c.rl.estimator:
-    outcome, rew = (_outcome_advantages(loop, rollout, local, n) if episodes is None
-                    else episodes_lib.outcome_advantage(c, episodes, local, n))
+    outcome, rew = _outcome_advantages(loop, rollout, local, n)
     metrics['reward/mean'] = float(rew.mean())
     for tg in sorted(set(tags)):
       metrics[f'reward/mean/{tg}'] = float(rew[np.asarray(tags) == tg].mean())
@@ -502,10 +498,7 @@ def finish(loop: Loop, state, result: dict, start_step: int, meta: dict, workdir
 # ============================================================================== helpers
 def _rollout_flops(cfg, rollout) -> int:
   """Analytic FLOPs of a rollout's real rows (prefill + one decode step per token)."""
-  prompt = shd.to_host(jnp.sum(rollout.prompt_mask, -1))
-  response = shd.to_host(jnp.sum(rollout.mask, -1))
-  real = response > 0  # rows padded up to a batch bucket sample nothing
-  return compute.rollout_flops(cfg, prompt[real], response[real])
+  return compute.rollout_flops(cfg, *rollout_token_counts(rollout))
 
 
 def _count_scoring_flops(loop: Loop, route_BxJ, seq_lens_B) -> None:
@@ -519,13 +512,18 @@ def _count_scoring_flops(loop: Loop, route_BxJ, seq_lens_B) -> None:
 
 
 def _outcome_advantages(loop: Loop, rollout, local_records, n: int):
-  """(outcome advantage [B] on device, rewards [B] on the host) of the rollout's responses."""
-  c, tok = loop.config, loop.data.tokenizer
-  texts = evaluation.decode_responses(tok, rollout.host_rows(rollout.tokens),
-                                      rollout.host_rows(rollout.mask))
-  rew = rewards_lib.compute_rewards(texts, [evaluation.record_dict(x) for x in local_records],
-                                    dict(c.rl.tag_to_reward), default=c.rl.default_reward)
-  rew = shd.allgather_rows(np.asarray(rew, np.float32))
+  """(outcome advantage [B] on device, rewards [B] on the host) of a RolloutBatch: the
+  environment's reward on rows that have one, the tag's verifiable reward (config.rl) of
+  the final response on the others."""
+  c = loop.config
+  rew = np.asarray(rollout.env_rewards, np.float32).copy()
+  other = np.flatnonzero(np.isnan(rew))
+  if len(other):
+    texts = rollout.texts
+    rew[other] = rewards_lib.compute_rewards(
+        [texts[i] for i in other], [evaluation.record_dict(local_records[i]) for i in other],
+        dict(c.rl.tag_to_reward), default=c.rl.default_reward)
+  rew = shd.allgather_rows(rew)
   kw = {'normalize_std': c.rl.normalize_std} if c.rl.estimator == 'grpo' else {}
   return jnp.asarray(adv_lib.outcome_advantage(c.rl.estimator, rew, n, **kw), jnp.float32), rew
 

@@ -22,7 +22,7 @@ from flax import nnx
 
 from opd_jax import policy as policy_lib
 from opd_jax.objectives import advantages as token_adv
-from opd_jax.training import batches as steps
+from opd_jax.rollout.engine import rollout_arrays
 from opd_jax.models import load_pretrained
 from opd_jax.rollout.decode import SamplingParams
 from opd_jax.rollout.sampler import Sampler
@@ -116,7 +116,7 @@ def _opd_batch(student, teacher, sampler, key, rows, sp):
   """Fresh rollouts of PROMPT, teacher-scored, with pure-OPD advantages (the trainer's path)."""
   graphdef, params = student
   rollout = sampler(params, [PROMPT] * rows, key, sp)
-  tokens, attn, lmask, s_b = steps.rollout_arrays(rollout)
+  tokens, attn, lmask, s_b = rollout_arrays(rollout)
   t = _teacher_score(teacher[0], sp.temperature)(teacher[1], tokens, attn)['logprobs']
   adv, _, _ = token_adv.advantages(s_b, t[None], None, jnp.ones((1,)), jnp.ones((rows, 1)), lmask,
                                None, mode='opd')

@@ -100,7 +100,7 @@ def gradient_variance(recipe, paths: dict, *, seed: int, quick: bool, n_batches:
 
   from opd_jax.training import builder
   from opd_jax.objectives import advantages as token_adv
-  from opd_jax.training import batches as steps
+  from opd_jax.rollout.engine import rollout_arrays
   from opd_jax import sharding as shd
   from opd_jax.teachers.local import LocalTeacher, route_matrix, score_teachers
   from opd_jax.train import load_data
@@ -135,7 +135,7 @@ def gradient_variance(recipe, paths: dict, *, seed: int, quick: bool, n_batches:
     with jax.set_mesh(mesh):
       rollout = r.sampler(cast(params), data.encoder.encode_batch(records),
                           jax.random.fold_in(base_key, i), r.rollout_sp)
-    tokens, attn, lmask, s_b = steps.rollout_arrays(rollout)
+    tokens, attn, lmask, s_b = rollout_arrays(rollout)
     route = route_matrix([x.tag for x in records], r.specs)
     t, extras = score_teachers([teacher], tokens, attn, route, out_sharding=tokens.sharding,
                                count=False)

@@ -41,8 +41,9 @@ from flax import nnx
 from opd_jax import sharding as shd
 from opd_jax.models.decoder import init_cache
 from opd_jax.buckets import batch_bucket
-from opd_jax.rollout.decode import (DecodeState, SamplingParams, cache_spec, decode_layers,
-                                    decode_step, prefill, row_keys, stop_hit)
+from opd_jax.rollout.decode import (AbstractCall, DecodeState, SamplingParams, abstract_key,
+                                    cache_spec, decode_layers, decode_step, mesh_context,
+                                    prefill, row_keys, stop_hit)
 
 
 @dataclasses.dataclass
@@ -208,6 +209,40 @@ class ContinuousBatcher:
 
   def _put(self, x):
     return jnp.asarray(x) if self.mesh is None else shd.shard_batch(x, self.mesh)
+
+  def abstract_calls(self, params, rows: int, prompt_len: int, sp: SamplingParams):
+    """The jitted calls `run` makes for `rows` prompts of `prompt_len` slots, on abstract
+    inputs (decode.AbstractCall): `refill` at the first fill's row bucket (the bucket of R
+    new prompts, the largest prefill a run makes), `segment` (the decode loop over R slots)
+    and `compact` (the cache shift). The [rows, N] outputs stay resident during the segment
+    and the compaction. The initial carry (zeros) is only traced for its shapes."""
+    mesh = self.mesh
+    mult = shd.batch_size_multiple(mesh) if mesh is not None else 1
+    slots = self.num_slots(mult)
+    n = sp.max_new_tokens
+    bb = batch_bucket(rows, mult)
+    cache_len = prompt_len + n + self.cache_slack
+    rb = batch_bucket(min(slots, rows), mult)
+    shapes = f'B={bb} R={slots} P={prompt_len} N={n} S={cache_len}'
+    with mesh_context(mesh):
+      init = self._init.lower(params, slots=slots, prompt_len=prompt_len, cache_len=cache_len,
+                              n=n, rows=bb, pad_id=self.pad_id,
+                              cache_dtype=self.cache_dtype).compile()
+    st, out = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                           init.out_info)
+    sds = lambda shape, dtype, n_dims: jax.ShapeDtypeStruct(shape, dtype, sharding=(
+        shd.batch_sharding(mesh, n_dims) if mesh is not None else None))
+    ids = sds((rb, prompt_len), jnp.int32, 2)
+    src = sds((slots,), jnp.int32, 1)
+    yield AbstractCall('refill', self._refill, (params, st, out, ids, ids, src, src),
+                       dict(pad_id=self.pad_id, cache_dtype=self.cache_dtype),
+                       f'{shapes} r={rb}')
+    scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=(
+        shd.replicated(mesh) if mesh is not None else None))
+    resident = {'outputs': out}
+    yield AbstractCall('segment', self._segment, (params, st, scalar, abstract_key(mesh)),
+                       dict(sp=sp, pad_id=self.pad_id), shapes, resident)
+    yield AbstractCall('compact', self._compact, (st, scalar), {}, shapes, resident)
 
   def run(self, params, ids_BxP: np.ndarray, mask_BxP: np.ndarray, key, sp: SamplingParams,
           *, rows: int, multiple: int = 1):

@@ -1,7 +1,9 @@
 """The pieces every rollout engine shares: `SamplingParams`, per-request draw keys
 (`row_keys`), one token drawn from the policy (`select`), the decode carry (`DecodeState`),
-the KV-cache sharding (`cache_spec`), the prompt prefill (`prefill`) and the one decode step
-(`decode_layers`, then `decode_step` per generated token). The static sampler (`sampler`),
+the KV-cache sharding (`cache_spec`), the prompt prefill (`prefill`), the one decode step
+(`decode_layers`, then `decode_step` per generated token) and the abstract inputs every
+engine's `abstract_calls` builds for the AOT check (`AbstractCall`, `abstract_key`,
+`abstract_prefill_outputs`). The static sampler (`sampler`),
 the continuous batcher (`continuous`) and the multi-turn sampler (`multiturn`) import them
 from here; each runs `decode_step` in its own `while_loop`, which differs only in where a
 row's token is stored and when a row stops.
@@ -11,11 +13,16 @@ Legend (docs/design.md §7): B rows, P prompt slots, S cache slots, V vocabulary
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from opd_jax import policy as policy_lib
 from opd_jax import sharding as shd
@@ -147,3 +154,56 @@ def decode_step(model, layers, logits_BxV, cache, keys_B, done_B, positions_B, k
 def stop_hit(token_B, sp: SamplingParams):
   """Whether each row's token is one of `sp.stop_ids`."""
   return jnp.isin(token_B, jnp.asarray(sp.stop_ids or (-1,), jnp.int32))
+
+
+# ----------------------------------------------------------------- abstract calls (AOT)
+@dataclasses.dataclass(frozen=True)
+class AbstractCall:
+  """One jitted call of a rollout engine on abstract inputs (jax.ShapeDtypeStruct with
+  shardings), for the AOT check. `resident`: buffers the engine keeps alive on the devices
+  while this call runs without passing them to it (e.g. the continuous batcher's outputs).
+  An engine's `abstract_calls(...)` is a generator of these; the driver sends back each
+  call's abstract outputs (None when it did not compile)."""
+  name: str
+  fn: Any
+  args: tuple
+  kwargs: dict
+  shapes: str
+  resident: dict = dataclasses.field(default_factory=dict)
+
+
+def mesh_context(mesh):
+  """`jax.set_mesh(mesh)`, or nothing without a mesh."""
+  return jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
+
+
+def abstract_key(mesh):
+  """An abstract PRNG key, replicated over `mesh`."""
+  key = jax.eval_shape(lambda: jax.random.key(0))
+  return jax.ShapeDtypeStruct(key.shape, key.dtype,
+                              sharding=shd.replicated(mesh) if mesh is not None else None)
+
+
+def abstract_prefill_outputs(graphdef, params, rows: int, prompt_len: int, cache_len: int,
+                             cache_dtype, mesh):
+  """The abstract (cache, logits) of `prefill` for `rows` prompts of `prompt_len` slots and
+  a cache of `cache_len` slots, with the shardings the prefill gives them (cache kv heads
+  over 'tensor' where they divide, rows over the data axes): what a decode is compiled
+  against when the prefill itself does not compile."""
+  def spec(n):
+    return jax.ShapeDtypeStruct((rows, prompt_len), jnp.int32, sharding=(
+        shd.batch_sharding(mesh, n) if mesh is not None else None))
+  fn = functools.partial(prefill, graphdef, max_new_tokens=cache_len - prompt_len,
+                         cache_dtype=cache_dtype)
+  with mesh_context(mesh):
+    cache, logits = jax.eval_shape(fn, params, spec(2), spec(2))
+  if mesh is None:
+    return cache, logits
+  tensor = mesh.shape['tensor']
+
+  def kv(x):
+    axis = 'tensor' if x.shape[1] % tensor == 0 else None
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(
+        mesh, P(shd.BATCH_AXES, axis, None, None)))
+  return (jax.tree.map(kv, cache), jax.ShapeDtypeStruct(
+      logits.shape, logits.dtype, sharding=shd.batch_sharding(mesh, 2)))

@@ -52,8 +52,9 @@ from flax import nnx
 from opd_jax import envs as envs_lib
 from opd_jax import sharding as shd
 from opd_jax.buckets import DEFAULT_PROMPT_BUCKETS, batch_bucket, bucket, left_pad
-from opd_jax.rollout.decode import (SamplingParams, decode_layers, decode_step, prefill, row_keys,
-                                    stop_hit)
+from opd_jax.rollout.decode import (AbstractCall, SamplingParams, abstract_key,
+                                    abstract_prefill_outputs, decode_layers, decode_step, prefill,
+                                    row_keys, stop_hit)
 
 log = logging.getLogger(__name__)
 
@@ -298,12 +299,14 @@ class MultiTurnSampler:
     for name in [*self.tag_to_env.values(), *self.env_kwargs]:
       envs_lib.get_env(name)
     self.budgets = budgets
+    if tokenizer is None and pad_id is None:
+      raise ValueError('MultiTurnSampler without a tokenizer (abstract_calls only) needs pad_id')
     self.pad_id = int(tokenizer.pad_token_id or 0) if pad_id is None else int(pad_id)
     self.cache_dtype = cache_dtype
     self.prompt_buckets = tuple(sorted(prompt_buckets))
     self.max_workers = max_workers
-    self.close_id = int(tokenizer.eos_token_id if tokenizer.eos_token_id is not None
-                        else self.stop_ids[0])
+    eos = tokenizer.eos_token_id if tokenizer is not None else None
+    self.close_id = int(eos if eos is not None else self.stop_ids[0])
     self._formats: dict[str, ObservationFormat] = {}
     g = graphdef
     self._prefill = jax.jit(functools.partial(prefill, g),
@@ -342,10 +345,47 @@ class MultiTurnSampler:
   def _put(self, x):
     return jnp.asarray(x) if self.run_mesh is None else shd.shard_batch(x, self.run_mesh)
 
+  def abstract_calls(self, params, rows: int, prompt_len: int, *, temperature: float = 1.0,
+                     top_k: int = 0, top_p: float = 1.0):
+    """The jitted calls a batch of `rows` episodes with prompts of `prompt_len` slots makes,
+    on abstract inputs (decode.AbstractCall; `params` on the layout the turns decode with):
+    the prompt's prefill into the episode's cache (`cache_len` slots), one student turn and
+    one observation block of the largest bucket (`obs_max` slots); every later turn and
+    observation has these shapes. The driver sends back each call's abstract outputs."""
+    bd = self.budgets
+    sp = SamplingParams(max_new_tokens=bd.max_tokens_per_turn, temperature=temperature,
+                        top_k=top_k, top_p=top_p, stop_ids=self.stop_ids)
+    mesh = self.run_mesh
+    mult = 1 if mesh is None else shd.batch_size_multiple(mesh)
+    bb, p = batch_bucket(rows, mult), prompt_len
+    s = self.cache_len(p)
+    sds = lambda shape, dtype, n: jax.ShapeDtypeStruct(shape, dtype, sharding=(
+        shd.batch_sharding(mesh, n) if mesh is not None else None))
+    shapes = f'B={bb} P={p} S={s} turn={bd.max_tokens_per_turn} O={self.obs_max}'
+    ids = sds((bb, p), jnp.int32, 2)
+    out = yield AbstractCall('prefill', self._prefill, (params, ids, ids), dict(
+        max_new_tokens=s - p, cache_dtype=self.cache_dtype), shapes)
+    cache, logits = out if out is not None else abstract_prefill_outputs(
+        self.graphdef, params, bb, p, s, self.cache_dtype, mesh)
+    kv, pos = sds((bb, s), jnp.int32, 2), sds((bb,), jnp.int32, 1)
+    g = jax.ShapeDtypeStruct((), jnp.int32, sharding=(
+        shd.replicated(mesh) if mesh is not None else None))
+    out = yield AbstractCall('turn', self._turn, (
+        params, cache, kv, logits, pos, sds((bb,), jnp.bool_, 1), sds((bb,), jnp.int32, 1), g,
+        abstract_key(mesh)), dict(sp=sp, pad_id=self.pad_id), shapes)
+    if out is not None:
+      cache, kv, pos = out[4], out[5], out[6]
+    obs = sds((bb, self.obs_max), jnp.int32, 2)
+    yield AbstractCall('observe', self._observe, (params, cache, kv, logits, pos, obs, obs, g),
+                       {}, shapes)
+
   def __call__(self, params, records, key, *, temperature: float = 1.0, top_k: int = 0,
                top_p: float = 1.0) -> Episodes:
     from opd_jax.data import DataError
     from opd_jax.data import record_dict
+    if self.tokenizer is None or self.encoder is None:
+      raise ValueError('MultiTurnSampler without a tokenizer and an encoder only lists its '
+                       'abstract calls (the AOT check); give both to run episodes')
     bd = self.budgets
     b = len(records)
     if b == 0:

@@ -43,7 +43,8 @@ from flax import nnx
 from opd_jax.buckets import DEFAULT_PROMPT_BUCKETS, batch_bucket, bucket, left_pad
 from opd_jax import sharding as shd
 from opd_jax.rollout.continuous import ContinuousBatcher
-from opd_jax.rollout.decode import (DecodeState, SamplingParams, decode_layers, decode_step,
+from opd_jax.rollout.decode import (AbstractCall, DecodeState, SamplingParams, abstract_key,
+                                    abstract_prefill_outputs, decode_layers, decode_step,
                                     prefill, row_keys, stop_hit)
 
 
@@ -164,6 +165,35 @@ class Sampler:
                                           pad_id=self.pad_id, cache_dtype=cache_dtype,
                                           refill_min=refill_min, cache_slack=cache_slack,
                                           logits_fn=logits_fn)
+
+  def abstract_calls(self, params, rows: int, prompt_len: int, sp: SamplingParams):
+    """The jitted calls one `__call__` on `rows` prompts of `prompt_len` slots makes, on
+    abstract inputs (rollout.engine.AbstractCall; `params` abstract, on the layout the
+    sampler decodes with): prefill and decode, or, when the rows would be batched
+    continuously, the continuous batcher's calls. The driver sends back each call's abstract
+    outputs (None: it did not compile)."""
+    mesh = self.run_mesh
+    mult = shd.batch_size_multiple(mesh) if mesh is not None else 1
+    bb = batch_bucket(rows, mult)
+    if self.continuous is not None and rows > self.continuous.num_slots(mult):
+      yield from self.continuous.abstract_calls(params, rows, prompt_len, sp)
+      return
+    sds = lambda shape, dtype, n: jax.ShapeDtypeStruct(shape, dtype, sharding=(
+        shd.batch_sharding(mesh, n) if mesh is not None else None))
+    ids = sds((bb, prompt_len), jnp.int32, 2)
+    shapes = f'B={bb} P={prompt_len} N={sp.max_new_tokens}'
+    out = yield AbstractCall('prefill', self._prefill, (params, ids, ids), dict(
+        max_new_tokens=sp.max_new_tokens, cache_dtype=self.cache_dtype), shapes)
+    if out is not None:
+      cache, logits = out
+    else:  # the prefill does not compile; the decode still can, with the prefill's layout
+      cache, logits = abstract_prefill_outputs(self.graphdef, params, bb, prompt_len,
+                                               prompt_len + sp.max_new_tokens,
+                                               self.cache_dtype, mesh)
+    key = abstract_key(mesh)
+    done = sds((bb,), jnp.bool_, 1)
+    yield AbstractCall('decode', self._decode, (params, cache, logits, ids, done, key),
+                       dict(sp=sp, pad_id=self.pad_id), shapes)
 
   def compiled_variants(self) -> int:
     """How many shapes the prefill has been compiled for (bucketing keeps this small)."""

@@ -55,7 +55,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from jax._src import xla_bridge  # backends_are_initialized(): no public equivalent
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from opd_jax.tools import aot_time
 from opd_jax.tools import hlo
@@ -64,6 +63,7 @@ from opd_jax.tools.aot_time import bytes_by_device as _bytes_by_device
 from opd_jax.tools.aot_time import frozen as _frozen
 from opd_jax.tools.aot_time import sds as _sds
 from opd_jax.training import builder
+from opd_jax.training import episodes as episodes_lib
 from opd_jax import sharding as shd
 from opd_jax.training.builder import ConfigError, ModelSource
 from opd_jax.buckets import DEFAULT_PROMPT_BUCKETS, batch_bucket
@@ -380,8 +380,10 @@ def check_config(config, target: Target, *, log=print, phases=PHASES) -> dict:
 
 
 def _compile_rollouts(chk: _Check, config, rows: int, p_len: int) -> None:
-  """The training rollout (the student's, or the teacher's for SFT on its samples) and the
-  eval rollout when its shapes are not covered by the training one."""
+  """The training rollout (the student's engine, multi-turn episodes included, or the
+  teacher's sampler for SFT on its samples) and the eval rollout when its shapes are not
+  covered by the training one. Each engine lists its own jitted calls on abstract inputs
+  (`abstract_calls`, opd_jax/rollout/engine.py); this compiles them in order."""
   r = chk.run
   train = None
   # The student samples with its parameters cast to the compute dtype on the rollout layout
@@ -392,24 +394,28 @@ def _compile_rollouts(chk: _Check, config, rows: int, p_len: int) -> None:
     fn, args = r.cast_jit()
     chk.compile('rollout/cast', fn, args(chk.long_lived['state']['params']), {}, r.mesh,
                 f'{_layout_label(r.layout)}', {'state', 'student_base'})
-    train = (_compile_rollout(chk, 'rollout', r.sampler, r.student_cfg, cast, rows, p_len,
-                              r.rollout_sp, set()), r.rollout_sp.max_new_tokens)
+    engine = episodes_lib.rollout_engine(config, r)
+    _compile_calls(chk, 'rollout', engine.abstract_calls(cast, rows, p_len),
+                   r.sampler.run_mesh, set())
+    train = (batch_bucket(rows, shd.batch_size_multiple(r.sampler.run_mesh)),
+             r.rollout_sp.max_new_tokens)
   elif config.sft.source == 'teacher':
     t = r.teachers[0]
     sampler = r.teacher_sampler
     params = t.params if sampler.layout is None else jax.tree.map(
         lambda x, sh: _sds(x.shape, x.dtype, sh), t.params, sampler.layout.shardings(t.params))
-    _compile_rollout(chk, f'rollout/{t.name}', sampler, t.cfg, params, rows,
-                     p_len, r.teacher_sp, {t.name} if sampler.layout is None else set())
+    _compile_calls(chk, f'rollout/{t.name}', sampler.abstract_calls(
+        params, rows, p_len, r.teacher_sp), sampler.run_mesh,
+        {t.name} if sampler.layout is None else set())
   if config.data.eval:  # the eval rollout, unless training's rollout dominates its shapes
     dp = shd.batch_size_multiple(r.sampler.run_mesh)
     eval_rows = min(int(config.eval.batch_size),
                     int(config.eval.num_prompts or config.eval.batch_size))
     eval_new = int(config.eval.max_new_tokens or config.rollout.max_new_tokens)
     if train is None or batch_bucket(eval_rows, dp) > train[0] or eval_new > train[1]:
-      _compile_rollout(chk, 'eval', r.sampler, r.student_cfg, cast, eval_rows, p_len,
-                       SamplingParams(max_new_tokens=eval_new, temperature=0.0,
-                                      stop_ids=r.stop_ids), set())
+      sp = SamplingParams(max_new_tokens=eval_new, temperature=0.0, stop_ids=r.stop_ids)
+      _compile_calls(chk, 'eval', r.sampler.abstract_calls(cast, eval_rows, p_len, sp),
+                     r.sampler.run_mesh, set())
 
 
 def _layout_label(layout) -> str:
@@ -418,71 +424,25 @@ def _layout_label(layout) -> str:
   return f'rollout layout data={layout.mesh.shape["data"]} tensor={layout.tp}'
 
 
-def _compile_rollout(chk: _Check, prefix, sampler, cfg, params, b, p_len, sp, args_of):
-  """Compiles a Sampler's prefill and decode for b rows (or, when the sampler would batch
-  them continuously, its refill, segment and compaction); returns the row bucket."""
-  mesh = sampler.run_mesh
-  mult = shd.batch_size_multiple(mesh)
-  bb = batch_bucket(b, mult)
-  if sampler.continuous is not None and b > sampler.continuous.num_slots(mult):
-    _compile_continuous(chk, prefix, sampler, params, b, bb, p_len, sp, args_of)
-    return bb
-  ids = _sds((bb, p_len), jnp.int32, shd.batch_sharding(mesh, 2))
-  shapes = f'B={bb} P={p_len} N={sp.max_new_tokens}'
-  pre = chk.compile(f'{prefix}/prefill', sampler._prefill, (params, ids, ids),
-                    dict(max_new_tokens=sp.max_new_tokens, cache_dtype=sampler.cache_dtype),
-                    mesh, shapes, args_of)
-  if pre is not None:
-    cache, logits = _strip(pre.out_info)
-  else:  # the prefill does not compile; the decode still can, on the sampler's layout
-    kv_axis = 'tensor' if cfg.num_kv_heads % mesh.shape['tensor'] == 0 else None
-    dtype = sampler.cache_dtype or jax.tree.leaves(params)[0].dtype
-    kv = _sds((bb, cfg.num_kv_heads, p_len + sp.max_new_tokens, cfg.head_dim), dtype,
-              NamedSharding(mesh, P(shd.BATCH_AXES, kv_axis, None, None)))
-    cache = {'k': [kv] * cfg.num_layers, 'v': [kv] * cfg.num_layers}
-    logits = _sds((bb, cfg.vocab_size), jnp.float32, shd.batch_sharding(mesh, 2))
-  key = jax.eval_shape(lambda: jax.random.key(0))
-  key = _sds(key.shape, key.dtype, shd.replicated(mesh))
-  done = _sds((bb,), jnp.bool_, shd.batch_sharding(mesh, 1))
-  chk.compile(f'{prefix}/decode', sampler._decode, (params, cache, logits, ids, done, key),
-              dict(sp=sp, pad_id=sampler.pad_id), mesh, shapes, args_of)
-  return bb
-
-
-def _compile_continuous(chk: _Check, prefix, sampler, params, b, bb, p_len, sp, args_of):
-  """The continuous-batching path (config.rollout.slots > 0 and more rows than slots), as
-  `ContinuousBatcher.run` calls it: `refill` at the first fill's row bucket (r = the bucket
-  of R new prompts, the largest prefill a run makes), `segment` (the decode loop over R
-  slots) and `compact` (the cache shift). The [bb, N] outputs stay resident during the
-  segment and the compaction."""
-  cb = sampler.continuous
-  mesh = sampler.run_mesh
-  mult = shd.batch_size_multiple(mesh)
-  slots = cb.num_slots(mult)
-  n = sp.max_new_tokens
-  cache_len = p_len + n + cb.cache_slack
-  rb = batch_bucket(min(slots, b), mult)
-  shapes = f'B={bb} R={slots} P={p_len} N={n} S={cache_len}'
-  with jax.set_mesh(mesh):  # the initial carry's shapes and shardings (zeros: not reported)
-    init = cb._init.lower(params, slots=slots, prompt_len=p_len, cache_len=cache_len, n=n,
-                          rows=bb, pad_id=cb.pad_id, cache_dtype=cb.cache_dtype).compile()
-  st, out = _strip(init.out_info)
-  ids = _sds((rb, p_len), jnp.int32, shd.batch_sharding(mesh, 2))
-  src = _sds((slots,), jnp.int32, shd.batch_sharding(mesh, 1))
-  chk.compile(f'{prefix}/refill', cb._refill, (params, st, out, ids, ids, src, src),
-              dict(pad_id=cb.pad_id, cache_dtype=cb.cache_dtype), mesh,
-              f'{shapes} r={rb}', args_of)
-  scalar = _sds((), jnp.int32, shd.replicated(mesh))
-  key = jax.eval_shape(lambda: jax.random.key(0))
-  key = _sds(key.shape, key.dtype, shd.replicated(mesh))
-  outputs = f'{prefix}/outputs'
-  chk.long_lived[outputs] = out
-  try:
-    chk.compile(f'{prefix}/segment', cb._segment, (params, st, scalar, key),
-                dict(sp=sp, pad_id=cb.pad_id), mesh, shapes, args_of)
-    chk.compile(f'{prefix}/compact', cb._compact, (st, scalar), {}, mesh, shapes, args_of)
-  finally:
-    del chk.long_lived[outputs]
+def _compile_calls(chk: _Check, prefix: str, calls, mesh, args_of: set[str]) -> None:
+  """Compiles an engine's abstract calls (a generator of rollout.decode.AbstractCall) as
+  `prefix/NAME`, sending each call's abstract outputs (None: it did not compile) back; the
+  buffers a call names `resident` count as long-lived while it runs."""
+  outputs = None
+  while True:
+    try:
+      call = calls.send(outputs)
+    except StopIteration:
+      return
+    resident = {f'{prefix}/{k}': v for k, v in call.resident.items()}
+    chk.long_lived.update(resident)
+    try:
+      compiled = chk.compile(f'{prefix}/{call.name}', call.fn, call.args, call.kwargs, mesh,
+                             call.shapes, args_of)
+    finally:
+      for k in resident:
+        del chk.long_lived[k]
+    outputs = _strip(compiled.out_info) if compiled is not None else None
 
 
 # ------------------------------------------------------------------------------- report

@@ -47,7 +47,7 @@ def frozen(r) -> list:
       [r.reference] if r.reference is not None else [])
 
 
-_DECODE_LOOPS = ('/decode', '/segment')
+_DECODE_LOOPS = ('/decode', '/segment', '/turn')  # a multi-turn episode's turn is a decode loop
 
 
 def _sampled_param_bytes(r, name: str) -> int:
@@ -61,8 +61,8 @@ def _sampled_param_bytes(r, name: str) -> int:
 
 
 def decode_gathers(r, reports) -> list[dict]:
-  """Per decode loop (rollout/decode, eval/decode, rollout/segment, ...): the bytes it
-  all-gathers per iteration (per generated token) on the busiest device, next to the
+  """Per decode loop (rollout/decode, eval/decode, rollout/segment, rollout/turn, ...): the
+  bytes it all-gathers per iteration (per generated token) on the busiest device, next to the
   sampled model's parameter bytes; above DECODE_GATHER_LIMIT of them is an error (the
   weights are being gathered at every token)."""
   out = []

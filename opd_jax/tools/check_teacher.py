@@ -27,11 +27,11 @@ import numpy as np
 from flax import nnx
 
 from opd_jax.training import builder
-from opd_jax.training import batches as steps
 from opd_jax.models import tiny
 from opd_jax import data as data_lib
 from opd_jax.training import update as update_lib
 from opd_jax.teachers.remote import tokenizer_fingerprint
+from opd_jax.rollout.engine import rollout_arrays
 from opd_jax.rollout.sampler import Sampler
 from opd_jax.teachers.scoring import map_vocab_chunks
 from opd_jax.teachers.local import TeacherSpec, route_matrix, score_teachers
@@ -141,7 +141,7 @@ def rollout_and_s(r, config, dtype: str, prompts, key):
       slots=int(config.rollout.slots) or None, layout=r.layout)
   rollout = sampler(dataclasses.replace(r, config=c).cast_fn()(r.params), prompts, key,
                     r.rollout_sp)
-  tokens, attn, lmask, s_b = steps.rollout_arrays(rollout)
+  tokens, attn, lmask, s_b = rollout_arrays(rollout)
   with jax.set_mesh(r.mesh):
     s = update_logprobs_fn(r.graphdef, builder.loss_spec(c))(r.model_params(r.params),
                                                              tokens, attn)  # LoRA: merged

@@ -1,4 +1,5 @@
-"""Batch glue of the trainer: a rollout as [B, T] arrays, the KL metrics of a batch, SFT batches.
+"""Batch glue of the trainer: the KL metrics of a batch, SFT batches. (A rollout as [B, T]
+arrays: `opd_jax.rollout.engine.rollout_arrays`.)
 (The per-token advantages: `opd_jax.objectives.advantages`.)
 
 Legend (docs/design.md §7): B rows, P prompt slots, N response slots, T = P + N, J teachers.
@@ -8,23 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from opd_jax import sharding as shd
 from opd_jax.buckets import bucket, left_pad
-from opd_jax.rollout.sampler import Rollout
-
-
-@jax.jit
-def rollout_arrays(rollout: Rollout):
-  """(tokens, attention_mask, loss_mask, behaviour_logprobs) [B, T] from a rollout."""
-  tokens, attn = rollout.sequences()
-  zeros = jnp.zeros_like(rollout.prompt_mask)
-  loss_mask = jnp.concatenate([zeros, rollout.mask], axis=1)
-  s_b = jnp.concatenate([zeros.astype(jnp.float32), rollout.logprobs], axis=1)
-  return tokens, attn, loss_mask, s_b
 
 
 def kl_metrics(kl_sum_JxB: np.ndarray, kl_count_JxB: np.ndarray, tags: Sequence[str],

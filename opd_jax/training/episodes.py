@@ -1,16 +1,18 @@
-"""Multi-turn episodes in the trainer (docs/design.md §10): the `config.agent` section read
-into the typed `Budgets` and a `MultiTurnSampler`, its checks, and the outcome rewards,
-advantages and FLOPs of a batch of `Episodes`. The engine itself is
-`opd_jax.rollout.multiturn`, which takes no config."""
+"""The trainer's rollout engine (`rollout_engine`: single-turn or episodes, one protocol,
+opd_jax.rollout.engine), and multi-turn episodes in the trainer (docs/design.md §10): the
+`config.agent` section read into the typed `Budgets` and a `MultiTurnSampler`, and its
+checks. The engines themselves take no config."""
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from opd_jax import envs as envs_lib
-from opd_jax.rollout.multiturn import Episodes, MultiTurnSampler
+from opd_jax.rollout.engine import EpisodeEngine, RolloutEngine, SingleTurnEngine
+from opd_jax.rollout.multiturn import MultiTurnSampler
 from opd_jax.training.checks import ConfigError
 from opd_jax.training.specs import budgets
 
@@ -46,45 +48,22 @@ def validate_config(config) -> None:
                       '(not yet on several)')
 
 
-def from_config(config, run, tokenizer, encoder) -> MultiTurnSampler | None:
-  """The run's multi-turn sampler, or None when config.agent.tag_to_env is empty."""
+
+def rollout_engine(config, run, tokenizer=None, encoder=None) -> RolloutEngine:
+  """The engine the OPD step samples with: episodes when config.agent.tag_to_env is set,
+  otherwise one response per prompt from the run's sampler. Without a tokenizer and an
+  encoder (the AOT check) the engine only lists its abstract calls."""
+  from opd_jax.training import flops as compute
+  flops_fn = functools.partial(compute.rollout_flops, run.student_cfg)
+  c = config.rollout
+  if not config.agent.tag_to_env:
+    return SingleTurnEngine(run.sampler, run.rollout_sp, encoder=encoder, tokenizer=tokenizer,
+                            flops_fn=flops_fn)
   a = config.agent
-  if not a.tag_to_env:
-    return None
-  return MultiTurnSampler(
+  agent = MultiTurnSampler(
       run.graphdef, mesh=run.mesh, layout=run.layout, tokenizer=tokenizer, encoder=encoder,
       stop_ids=run.stop_ids, pad_id=run.pad_id, tag_to_env=dict(a.tag_to_env),
       env_kwargs={k: dict(v) for k, v in a.env_kwargs.items()}, budgets=budgets(a),
       cache_dtype=jnp.dtype(config.student.compute_dtype))
-
-
-def outcome_rewards(config, episodes: Episodes, records) -> np.ndarray:
-  """Rewards [B] for mixed / RL mode: the episode reward on rows with an environment, the
-  tag's reward (config.rl) on the final turn of the others."""
-  from opd_jax import rewards as rewards_lib
-  from opd_jax.data import record_dict
-  rew = episodes.reward.astype(np.float32).copy()
-  other = [i for i in range(len(records)) if not episodes.has_env[i]]
-  if other:
-    texts = episodes.final_texts()
-    rew[other] = rewards_lib.compute_rewards(
-        [texts[i] for i in other], [record_dict(records[i]) for i in other],
-        dict(config.rl.tag_to_reward), default=config.rl.default_reward)
-  return rew
-
-
-def outcome_advantage(config, episodes: Episodes, records, n_samples: int):
-  """(outcome advantage [B] on device, rewards [B] host) for mixed / RL mode with episodes."""
-  from opd_jax.objectives import estimators as adv_lib
-  rew = outcome_rewards(config, episodes, records)
-  kw = {'normalize_std': config.rl.normalize_std} if config.rl.estimator == 'grpo' else {}
-  return (jnp.asarray(adv_lib.outcome_advantage(config.rl.estimator, rew, n_samples, **kw),
-                      jnp.float32), rew)
-
-
-def rollout_flops(cfg, episodes: Episodes) -> int:
-  """Analytic FLOPs of the episodes: the prompt's prefill, then every later token (student
-  or observation) as one cached step (observation prefills cost about the same per token)."""
-  from opd_jax.training import flops as compute
-  prompt = episodes.prompt_mask.sum(-1)
-  return compute.rollout_flops(cfg, prompt, episodes.attn.sum(-1))
+  return EpisodeEngine(agent, mesh=run.mesh, temperature=c.temperature, top_k=c.top_k,
+                       top_p=c.top_p, flops_fn=flops_fn)

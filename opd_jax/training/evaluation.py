@@ -15,16 +15,9 @@ import numpy as np
 
 from opd_jax import rewards as rewards_lib
 from opd_jax import sharding as shd
-from opd_jax.training import batches as steps
 from opd_jax.data import Record, record_dict
 from opd_jax.rollout.decode import SamplingParams
-
-
-def decode_responses(tokenizer, tokens_BxN, mask_BxN) -> list[str]:
-  """Response texts (special tokens such as the stop token removed) of host arrays."""
-  tokens, mask = np.asarray(tokens_BxN), np.asarray(mask_BxN).astype(bool)
-  return tokenizer.batch_decode([t[m].tolist() for t, m in zip(tokens, mask)],
-                                skip_special_tokens=True)
+from opd_jax.rollout.engine import decode_responses, rollout_arrays
 
 
 @dataclasses.dataclass
@@ -132,7 +125,7 @@ def evaluate(*, step: int, key, student_params, sampler, encoder, tokenizer,
     for idx in _chunks(list(range(len(records))), settings.batch_size):
       out = sampler(student_params, [prompts[i] for i in idx],
                     jax.random.fold_in(jax.random.fold_in(key, 10**6), idx[0]), sp)
-      tokens, attn, lmask, s_b = steps.rollout_arrays(out)
+      tokens, attn, lmask, s_b = rollout_arrays(out)
       rows_per_process = tokens.shape[0] // jax.process_count()
       kl_sum, cnt = kl_fn(tokens, attn, lmask, s_b,
                           _global_tags([tags[i] for i in idx], rows_per_process, tag_vocab))

@@ -99,7 +99,13 @@ def test_every_runlocal_recipe_compiles_and_reports_memory(name, tmp_path):
   assert rep['target'] == 'cpu-estimate' and rep['mesh']['fsdp'] == 8
   names = [f['name'] for f in rep['functions']]
   prefills = [n for n in names if n.startswith('rollout') and n.endswith('/prefill')]
-  assert prefills and all(n[:-len('prefill')] + 'decode' in names for n in prefills)
+  # every prefill is followed by its decode loop (a multi-turn engine's: turn, observe)
+  assert prefills and all(n[:-len('prefill')] + 'decode' in names or {
+      n[:-len('prefill')] + 'turn', n[:-len('prefill')] + 'observe'} <= set(names)
+      for n in prefills)
+  if name == 'opd_agentic':  # the episode engine's calls, never a private function
+    assert [n for n in names if n.startswith('rollout/')] == [
+        'rollout/cast', 'rollout/prefill', 'rollout/turn', 'rollout/observe']
   assert names[-1] == 'update'
   # the student's rollout starts with the cast onto its rollout layout
   assert (names[0] == 'rollout/cast') == ('rollout/prefill' in names)
