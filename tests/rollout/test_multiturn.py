@@ -300,3 +300,69 @@ def test_replay_lays_out_transcripts_as_rollouts_do(student):
     env_text = tok.decode(ep.tokens[i][ep.env_mask[i][ep.prompt_mask.shape[1]:] > 0])
     assert env_text == f'\n<|im_start|>user\n<result>{a * 7}</result><|im_end|>\n' \
                        '<|im_start|>assistant\n'
+
+
+# ------------------------------------------------------------------ the engine protocol
+def test_episode_engine_returns_the_episodes_as_one_rollout_batch(student):
+  """EpisodeEngine: the same episodes as the sampler called directly (same key), as [B, T]
+  arrays, env rewards on rows with an environment and NaN elsewhere, final texts, FLOPs
+  from the token counts."""
+  from opd_jax.rollout.engine import EpisodeEngine
+  _, params, _, _ = student
+  mt = _sampler(student, BUDGETS, {'guess': 'guess'})
+  plain = data_lib.Record(id='p0', tag='plain', ground_truth='1',
+                          messages=[{'role': 'user', 'content': 'Say one digit.'}])
+  records = _guess_records(3) + [plain]
+  seen = []
+
+  def flops_fn(prompt, later):
+    seen.append((np.asarray(prompt).tolist(), np.asarray(later).tolist()))
+    return 7
+  engine = EpisodeEngine(mt, temperature=0.8, flops_fn=flops_fn)
+  batch = engine(params, records, jax.random.key(3))
+  ep = mt(params, records, jax.random.key(3), temperature=0.8)
+  for got, want in zip((batch.tokens, batch.attention_mask, batch.loss_mask,
+                        batch.behaviour_logprobs), ep.host_arrays()):
+    np.testing.assert_array_equal(np.asarray(got), want)
+  np.testing.assert_array_equal(batch.env_rewards[:3], ep.reward[:3])
+  assert np.isnan(batch.env_rewards[3])
+  assert batch.texts == ep.final_texts()
+  assert batch.flops == 7 and seen == [(ep.prompt_mask.sum(-1).tolist(),
+                                        ep.attn.sum(-1).tolist())]
+  assert batch.metrics == ep.metrics([r.tag for r in records])
+
+
+def _drive(calls):
+  """Compiles an engine's abstract calls in order, as the AOT check does; returns names."""
+  names, out = [], None
+  while True:
+    try:
+      call = calls.send(out)
+    except StopIteration:
+      return names
+    compiled = call.fn.lower(*call.args, **call.kwargs).compile()
+    names.append(call.name)
+    out = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                       compiled.out_info)
+
+
+def test_every_engine_lists_its_jitted_calls_on_abstract_inputs(student):
+  """abstract_calls of the static sampler, the continuous batcher and the episode engine
+  compile on abstract inputs (what tools/aot.py compiles), each in its order."""
+  from opd_jax.rollout.decode import SamplingParams
+  from opd_jax.rollout.engine import EpisodeEngine, SingleTurnEngine
+  from opd_jax.rollout.sampler import Sampler
+  graphdef, params, tok, _ = student
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+  sp = SamplingParams(max_new_tokens=8, stop_ids=(tok.eos_token_id,))
+  static = SingleTurnEngine(Sampler(graphdef, pad_id=0), sp)
+  assert _drive(static.abstract_calls(abstract, 4, 16)) == ['prefill', 'decode']
+  cont = SingleTurnEngine(Sampler(graphdef, pad_id=0, slots=2), sp)
+  assert _drive(cont.abstract_calls(abstract, 4, 16)) == ['refill', 'segment', 'compact']
+  episodes_engine = EpisodeEngine(multiturn.MultiTurnSampler(
+      graphdef, tokenizer=None, encoder=None, stop_ids=(tok.eos_token_id,),
+      tag_to_env={'guess': 'guess'}, budgets=BUDGETS, pad_id=0))
+  assert _drive(episodes_engine.abstract_calls(abstract, 4, 16)) == ['prefill', 'turn',
+                                                                     'observe']
+  with pytest.raises(ValueError, match='only lists its abstract calls'):
+    static(params, _guess_records(1), jax.random.key(0))
