@@ -7,7 +7,7 @@ Starts `python -m opd_jax.teachers.server --model DIR --port 0` (or uses a runni
 ids as SGLang /generate scoring requests, C at a time (closed loop: each client sends its
 next request when the last one is answered). Every batch shape is compiled first (one batch
 request per power-of-two size), then each setting runs once untimed and once timed. Prints
-a detail line per setting, then one `clients=C tokens_per_s=<n>` line each, the last last.
+a detail line per setting (with p50 / p99 request latency), then one `clients=C tokens_per_s=<n>` line each, the last last.
 `device_busy` is the share of the wall time the server spent in device calls: near 1 the
 model is the limit, well below 1 HTTP / JSON / Python overhead is. `--make-model` first
 writes the ~4M-parameter Qwen3 of opd_jax.bench.sampler to --model if it has no config.json;
@@ -152,6 +152,7 @@ def main(argv=None):
       print(f'  clients={clients} wall_s={wall:.2f} device_calls={calls} '
             f'mean_batch={args.requests / max(calls, 1):.1f} device_busy={busy:.2f} '
             f'p50_latency_ms={1e3 * statistics.median(latencies):.0f} '
+            f'p99_latency_ms={1e3 * _percentile(latencies, 99):.0f} '
             f'new_compiles={compiles}', flush=True)
       results.append((clients, tps))
   finally:
@@ -164,6 +165,12 @@ def main(argv=None):
             f'{in_process_tokens_per_s(args.model, args.seq_len, batch):.1f}', flush=True)
   for clients, tps in results:
     print(f'clients={clients} tokens_per_s={tps:.1f}')
+
+
+def _percentile(values, q):
+  """The q-th percentile (nearest rank) of `values`."""
+  ordered = sorted(values)
+  return ordered[max(0, min(len(ordered) - 1, -(-q * len(ordered) // 100) - 1))]
 
 
 def in_process_tokens_per_s(model_path, seq_len, batch, runs=5):

@@ -82,6 +82,25 @@ class Teacher(typing.Protocol):
 
   def score(self, tokens_BxT, mask_BxT, rows: np.ndarray, *, out_sharding=None): ...
 
+  def submit(self, tokens_BxT, mask_BxT, rows: np.ndarray, *, out_sharding=None):
+    """`score` without waiting: a handle whose `.result()` is score's value. An in-process
+    teacher's is its dispatched (not yet computed) arrays; a remote one's has its requests in
+    flight."""
+
+
+class Ready:
+  """A handle whose result is already there: an in-process teacher's `submit` (its device
+  arrays are dispatched, not waited for)."""
+
+  def __init__(self, value):
+    self.value = value
+
+  def done(self) -> bool:
+    return True
+
+  def result(self):
+    return self.value
+
 
 def teacher_mesh(spec: TeacherSpec, student_mesh, devices=None):
   """The mesh an in-process teacher runs on: its device slice (`devices='4:8'`, taken from
@@ -136,6 +155,10 @@ class LocalTeacher:
     if isinstance(w, jax.ShapeDtypeStruct):
       return jax.ShapeDtypeStruct(w.shape, w.dtype, sharding=sharding)
     return jax.device_put(w, sharding)
+
+  def submit(self, tokens_BxT, mask_BxT, rows: np.ndarray, *, out_sharding=None) -> Ready:
+    """`score`, already dispatched and never waited for (the Teacher protocol's `submit`)."""
+    return Ready(self.score(tokens_BxT, mask_BxT, rows, out_sharding=out_sharding))
 
   def score(self, tokens_BxT, mask_BxT, rows: np.ndarray, *, out_sharding=None):
     """Scores `rows` of the (device) batch; returns {'logprobs' [B, T], ...} for all B rows
@@ -192,26 +215,51 @@ def score_teachers(teachers, tokens_BxT, mask_BxT, route_BxJ: np.ndarray, *,
   Returns (t_JxBxT logprobs, {teacher: top-k dict or None}) on the student's sharding.
   With `count`, each teacher's `tokens_scored` grows by the real tokens of its routed rows
   (from `host_mask_BxT` when given, else summed on device).
-  In-process teachers are dispatched first (they run concurrently on disjoint devices),
-  then remote ones (whose HTTP requests are concurrent among themselves).
+  In-process teachers are dispatched without waiting (they run concurrently on disjoint
+  devices), remote ones have their HTTP requests in flight together; this waits for the
+  remote answers only. `submit_teachers` is the same without waiting.
   """
-  b, l = tokens_BxT.shape
-  if not teachers:  # pure RL: no teacher term
-    return jnp.zeros((0, b, l), jnp.float32), {}
-  outs = {}
+  return submit_teachers(teachers, tokens_BxT, mask_BxT, route_BxJ, host_mask_BxT=host_mask_BxT,
+                         out_sharding=out_sharding, count=count).result()
+
+
+class PendingTeachers:
+  """Every teacher's scoring of one batch, submitted (`submit_teachers`); `.result()` gives
+  (t_JxBxT, extras) as `score_teachers` does, waiting only for remote answers."""
+
+  def __init__(self, teachers, handles: dict, shape):
+    self.teachers, self.handles, self.shape = teachers, handles, shape
+
+  def done(self) -> bool:
+    return all(h.done() for h in self.handles.values())
+
+  def result(self):
+    b, l = self.shape
+    if not self.teachers:  # pure RL: no teacher term
+      return jnp.zeros((0, b, l), jnp.float32), {}
+    logprobs, extra = [], {}
+    for t in self.teachers:
+      o = self.handles[t.name].result()
+      if o is None:
+        logprobs.append(jnp.zeros((b, l), jnp.float32))
+        extra[t.name] = None
+        continue
+      logprobs.append(o['logprobs'])
+      extra[t.name] = {k: v for k, v in o.items() if k != 'logprobs'} or None
+    return jnp.stack(logprobs), extra
+
+
+def submit_teachers(teachers, tokens_BxT, mask_BxT, route_BxJ: np.ndarray, *,
+                    host_mask_BxT: np.ndarray | None = None, out_sharding=None,
+                    count: bool = True) -> PendingTeachers:
+  """`score_teachers` without waiting: every teacher's `submit` (in-process ones dispatch
+  their device work, remote ones post their requests), no host synchronisation on the
+  results. `.result()` of the returned handle gives score_teachers' value."""
+  handles = {}
   for j, t in enumerate(teachers):
     rows = np.nonzero(route_BxJ[:, j])[0]
     if count and len(rows):
       t.tokens_scored += int(host_mask_BxT[rows].sum() if host_mask_BxT is not None
                              else jnp.sum(jnp.take(mask_BxT, jnp.asarray(rows), axis=0)))
-    outs[t.name] = t.score(tokens_BxT, mask_BxT, rows, out_sharding=out_sharding)
-  logprobs, extra = [], {}
-  for t in teachers:
-    o = outs[t.name]
-    if o is None:
-      logprobs.append(jnp.zeros((b, l), jnp.float32))
-      extra[t.name] = None
-      continue
-    logprobs.append(o['logprobs'])
-    extra[t.name] = {k: v for k, v in o.items() if k != 'logprobs'} or None
-  return jnp.stack(logprobs), extra
+    handles[t.name] = t.submit(tokens_BxT, mask_BxT, rows, out_sharding=out_sharding)
+  return PendingTeachers(teachers, handles, tokens_BxT.shape)

@@ -41,6 +41,7 @@ import numpy as np
 
 from opd_jax.data import VocabMismatchError
 from opd_jax.teachers import wire
+from opd_jax.teachers.local import Ready
 
 log = logging.getLogger(__name__)
 
@@ -220,35 +221,43 @@ class RemoteTeacher:
     path, body = self._payload(ids)
     return self._parse(ids, self._request(path, body, abort=abort))
 
+  def submit_sequences(self, seqs: list[list[int]]) -> 'PendingSequences':
+    """Posts unpadded sequences, `remote_concurrency` in flight at a time, without waiting:
+    the caller goes on while the server scores (docs/design.md §11). `.result()` waits and
+    returns one dict per sequence, in order; the first failure cancels the rest."""
+    abort = threading.Event()
+    return PendingSequences([self._pool.submit(self._score_one, s, abort) for s in seqs], abort)
+
   def score_sequences(self, seqs: list[list[int]]) -> list[dict]:
     """Scores unpadded sequences concurrently; the first failure cancels the rest."""
-    abort = threading.Event()
-    futures = [self._pool.submit(self._score_one, s, abort) for s in seqs]
-    done, _ = cf.wait(futures, return_when=cf.FIRST_EXCEPTION)
-    failed = [f for f in futures if f.done() and f.exception() is not None]
-    if failed:
-      abort.set()
-      for f in futures:
-        f.cancel()
-      raise failed[0].exception()
-    return [f.result() for f in futures]
+    return self.submit_sequences(seqs).result()
+
+  def submit(self, tokens_BxT, mask_BxT, rows: np.ndarray, *, out_sharding=None):
+    """`score` without waiting for the server: the requests are posted (the batch's tokens
+    are read to the host first, which waits for the arrays, not for scoring) and a handle is
+    returned whose `.result()` waits for the answers and places them as `score` does."""
+    rows = np.asarray(rows, np.int64)
+    if len(rows) == 0:
+      return Ready(None)
+    from opd_jax import sharding as shd
+    # With several processes every host posts every routed row: correct, but the server
+    # then scores each row once per host.
+    tokens, mask = shd.to_host(tokens_BxT), shd.to_host(mask_BxT).astype(bool)
+    positions = {int(r): np.nonzero(mask[r])[0] for r in rows}
+    posted = [r for r, p in positions.items() if len(p)]  # a row with no tokens scores 0
+    pending = self.submit_sequences([tokens[r, positions[r]].tolist() for r in posted])
+    self.rows_forwarded += len(posted)
+    return _PendingScore(self, pending, mask, positions, posted, out_sharding)
 
   def score(self, tokens_BxT, mask_BxT, rows: np.ndarray, *, out_sharding=None):
     """Scores `rows` of the batch on the server; returns {'logprobs' [B, T]} (plus
     'top_logprobs' / 'top_ids' [B, T, K] when top_k) for all B rows, zeros on unrouted rows,
     batch-sharded on `out_sharding`'s mesh (else this teacher's mesh), or None when no row is
     routed here. Blocks until the server has answered. The caller counts tokens_scored."""
-    rows = np.asarray(rows, np.int64)
-    if len(rows) == 0:
-      return None
-    from opd_jax import sharding as shd
-    # With several processes every host posts every routed row: correct, but the server
-    # then scores each row once per host.
-    tokens, mask = shd.to_host(tokens_BxT), shd.to_host(mask_BxT).astype(bool)
-    b, l = tokens.shape
-    positions = {int(r): np.nonzero(mask[r])[0] for r in rows}
-    posted = [r for r, p in positions.items() if len(p)]  # a row with no tokens scores 0
-    results = self.score_sequences([tokens[r, positions[r]].tolist() for r in posted])
+    return self.submit(tokens_BxT, mask_BxT, rows, out_sharding=out_sharding).result()
+
+  def _assemble(self, results, mask, positions, posted, out_sharding):
+    b, l = mask.shape
     out = {'logprobs': np.zeros((b, l), np.float32)}
     if self.top_k:
       out['top_logprobs'] = np.zeros((b, l, self.top_k), np.float32)
@@ -261,7 +270,6 @@ class RemoteTeacher:
     valid[:, 1:] = mask[:, 1:] & mask[:, :-1]
     for key in out:
       out[key] *= valid.reshape(valid.shape + (1,) * (out[key].ndim - 2))
-    self.rows_forwarded += len(posted)
     return self._place(out, out_sharding)
 
   def _place(self, out: dict, out_sharding):
@@ -274,3 +282,38 @@ class RemoteTeacher:
     # As LocalTeacher: batch-sharded, or replicated for a batch the data axes do not divide.
     return {k: jax.device_put(v, shd.rows_sharding(mesh, v.shape[0], v.ndim))
             for k, v in out.items()}
+
+
+class PendingSequences:
+  """Scoring requests in flight (`RemoteTeacher.submit_sequences`)."""
+
+  def __init__(self, futures: list, abort: threading.Event):
+    self.futures, self.abort = futures, abort
+
+  def done(self) -> bool:
+    return all(f.done() for f in self.futures)
+
+  def result(self) -> list[dict]:
+    cf.wait(self.futures, return_when=cf.FIRST_EXCEPTION)
+    failed = [f for f in self.futures if f.done() and not f.cancelled()
+              and f.exception() is not None]
+    if failed:
+      self.abort.set()
+      for f in self.futures:
+        f.cancel()
+      raise failed[0].exception()
+    return [f.result() for f in self.futures]
+
+
+class _PendingScore:
+  """`RemoteTeacher.submit`'s handle: `.result()` is what `score` returns."""
+
+  def __init__(self, teacher, pending, mask, positions, posted, out_sharding):
+    self._args = (teacher, pending, mask, positions, posted, out_sharding)
+
+  def done(self) -> bool:
+    return self._args[1].done()
+
+  def result(self):
+    teacher, pending, mask, positions, posted, out_sharding = self._args
+    return teacher._assemble(pending.result(), mask, positions, posted, out_sharding)
