@@ -44,6 +44,7 @@ from opd_jax.training.metrics import MetricWriter
 from opd_jax.models import save_pretrained
 from opd_jax.buckets import DEFAULT_PROMPT_BUCKETS
 from opd_jax.teachers.local import route_matrix, score_teachers
+from opd_jax.teachers.remote import RemoteTeacherError
 from opd_jax.training.update import UpdateBatch
 
 log = logging.getLogger('opd_jax.train')
@@ -234,10 +235,13 @@ def run(config, workdir: str) -> dict:
     for step in range(start_step + 1, total_steps + 1):
       t_step = time.time()
       key = jax.random.fold_in(loop.base_key, step)
-      if config.mode == 'sft':
-        batch, metrics = sft_batch(loop, key)
-      else:
-        batch, metrics = opd_batch(loop, state, key)
+      try:
+        if config.mode == 'sft':
+          batch, metrics = sft_batch(loop, key)
+        else:
+          batch, metrics = opd_batch(loop, state, key)
+      except RemoteTeacherError as e:
+        raise teacher_server_failed(loop, step, e) from None
       state, upd = apply_update(loop, state, batch, step)
       metrics.update(upd)
       metrics['perf/step_s'] = time.time() - t_step
@@ -245,6 +249,21 @@ def run(config, workdir: str) -> dict:
       if end_step(loop, state, step, metrics, result, preempt):
         break
   return finish(loop, state, result, start_step, meta, workdir)
+
+
+def teacher_server_failed(loop: Loop, step: int, err: Exception) -> RemoteTeacherError:
+  """The error that stops a run whose teacher server failed for good (the client has
+  retried `remote_retries` times with backoff): it names the server's URL (in `err`) and the
+  last checkpoint, from which a rerun with the same workdir resumes."""
+  loop.ckpt.wait()
+  last = loop.ckpt.latest_step()
+  where = (f'the last checkpoint is step {last} in {loop.ckpt.directory}; rerun with the same '
+           f'--workdir to resume from it' if last is not None else
+           'no checkpoint was saved yet; a rerun starts from step 0')
+  return RemoteTeacherError(
+      f'step {step}: stopping, a teacher server failed: {err}. Nothing after step {last or 0} '
+      f'was trained; {where} (with --config.teachers.<name>.remote_url=... if the server '
+      f'moved)')
 
 
 # ============================================================================ loop steps

@@ -7,6 +7,7 @@ process started here is killed when its test ends."""
 import json
 import os
 import queue
+import re
 import socket
 import subprocess
 import sys
@@ -409,3 +410,50 @@ def test_submitted_requests_stay_in_flight_while_the_caller_goes_on(server, toke
   got = jax.device_get(pending.result())
   want = jax.device_get(local4.score(tokens_d, mask_d, rows, out_sharding=sharding))
   np.testing.assert_allclose(got['logprobs'], want['logprobs'], atol=1e-5, rtol=0)
+
+
+def test_server_killed_mid_training_stops_naming_the_url_and_checkpoint_then_resumes(
+    server, tmp_path):
+  """The trainer's server is SIGKILLed once step 1's checkpoint exists: the client retries
+  (remote_retries=2 with backoff), then the run stops with an error naming the URL and the
+  last checkpoint; a rerun with the same workdir and a live server resumes from it and ends
+  with exactly the metrics of a run that was never interrupted."""
+  common = dict(total_steps=4, checkpoint__every=1, eval__num_prompts=2, eval__batch_size=8,
+                export__hf_dir='')
+  whole = run(with_overrides(load_config('opd_remote_teacher', 'runlocal'),
+                             teachers__teacher__remote_url=server.url, **common),
+              str(tmp_path / 'whole'))
+  doomed = ServerProcess(TINY_TEACHER)
+  workdir = tmp_path / 'cut'
+  stop = threading.Event()
+
+  def kill_after_first_checkpoint():
+    while not stop.is_set():
+      if (workdir / 'checkpoints' / '1').is_dir():
+        doomed.kill()
+        return
+      time.sleep(0.005)
+
+  killer = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
+  killer.start()
+  try:
+    cfg = with_overrides(load_config('opd_remote_teacher', 'runlocal'),
+                         teachers__teacher__remote_url=doomed.url, **common)
+    with pytest.raises(RemoteTeacherError) as err:
+      run(cfg, str(workdir))
+  finally:
+    stop.set()
+    killer.join(timeout=30)
+    doomed.kill()
+  msg = str(err.value)
+  last = int(re.search(r'the last checkpoint is step (\d+) in (\S+);', msg).group(1))
+  assert last >= 1 and f'{doomed.url}/generate failed 3 attempts' in msg, msg
+  assert str(workdir / 'checkpoints') in msg and 'rerun with the same --workdir' in msg
+  resumed = run(with_overrides(load_config('opd_remote_teacher', 'runlocal'),
+                               teachers__teacher__remote_url=server.url, **common),
+                str(workdir))
+  assert resumed['step'] == whole['step'] == 4
+  for key in ['loss', 'grad_norm', 'opd/reverse_kl']:
+    assert dict(resumed['history'][key]) == pytest.approx(dict(whole['history'][key]),
+                                                          abs=1e-6), key
+  assert resumed['final']['eval/accuracy'] == whole['final']['eval/accuracy']
