@@ -80,6 +80,7 @@ def base_config() -> ConfigDict:
       stop_tokens=[],            # extra stop token strings (EOS ids are always stops)
       slots=0,                   # continuous batching: rows decoded at once (0: static)
       tensor_parallel=0,         # rollout layout's TP degree: 0 auto, -1 the training layout
+      max_staleness=0,           # 1: batch k+1 is sampled while batch k is scored / trained
   ))
 
   c.agent = ConfigDict(dict(     # multi-turn episodes (opd_jax/rollout/multiturn.py, opd_jax/envs/)
@@ -96,6 +97,7 @@ def base_config() -> ConfigDict:
       kl_clamp=placeholder(float),
       clip_eps=placeholder(float),       # PPO ε; None: plain importance sampling
       clip_eps_high=placeholder(float),
+      tis_cap=placeholder(float),        # truncated importance sampling: min(rho, C)
       ratio_level='token',       # 'token' | 'sequence' (GSPO)
       aggregation='token-mean',  # 'token-mean' | 'seq-mean-token-mean'
       # None | top-k: 'forward_kl' | 'reverse_kl' | 'jsd' | exact (in-process teacher):

@@ -217,6 +217,29 @@ def policy_loss(s_BxT, s_b_BxT, adv_BxT, mask_BxT, *, clip_eps=None, clip_eps_hi
   return loss, {'ratio_BxT': _sg(ratio), 'clipped_BxT': clipped}
 
 
+def truncated_is_policy_loss(s_BxT, s_b_BxT, adv_BxT, mask_BxT, *, cap: float):
+  """Truncated importance sampling of the policy loss (`loss.tis_cap` = C, docs/design.md
+  §3.6): per token ℓ = −w·exp(s − sg(s))·A with w = truncated_is_weight(s, s_b, C) =
+  min(ρ, C), ρ = exp(s − s_b), so ℓ's value is −min(ρ, C)·A and its gradient
+  −min(ρ, C)·A·∇s: plain IS with the ratio truncated at C. The current parameters are the
+  proximal policy (the ratio inside policy_loss is 1 in value), so there is no PPO clip.
+  A token that left the kept set (s = −∞) has ρ = 0: loss 0, gradient 0.
+  Returns (loss_BxT, stats {'ratio_BxT': ρ, 'clipped_BxT': all False, 'truncated_BxT':
+  ρ > C on response tokens}).
+  """
+  if not cap > 0:
+    raise ValueError(f'truncated_is_policy_loss: cap={cap} must be > 0')
+  _expect_shape('s_b_BxT', s_b_BxT, s_BxT.shape)
+  on = mask_BxT != 0
+  finite = on & jnp.isfinite(s_BxT)
+  # sg(s) where s is finite: exp(s − sg(s)) is 1 with gradient ∇s; a −∞ token keeps ρ = 0.
+  proximal = jnp.where(finite, _sg(s_BxT), 0.)
+  weight = truncated_is_weight(jnp.where(on, s_BxT, 0.), jnp.where(on, s_b_BxT, 0.), cap)
+  loss, stats = policy_loss(s_BxT, proximal, adv_BxT, mask_BxT, tis_weight_BxT=weight)
+  ratio = jnp.where(on, jnp.exp(jnp.where(on, _sg(s_BxT) - _sg(s_b_BxT), 0.)), 0.)
+  return loss, dict(stats, ratio_BxT=ratio, truncated_BxT=(ratio > cap) & on)
+
+
 def importance_metrics(ratio_BxT, clipped_BxT, mask_BxT):
   """Masked scalars for logging: {'ratio_mean', 'ratio_min', 'ratio_max', 'clip_frac'}
   (ratio 1 and clip_frac 0 when the mask is empty)."""

@@ -49,6 +49,7 @@ def loss_spec(config) -> LossSpec:
                   top_k=int(config.rollout.top_k) if pg else 0,
                   top_p=float(config.rollout.top_p) if pg else 1.0,
                   clip_eps_high=config.loss.clip_eps_high, ratio_level=config.loss.ratio_level,
+                  tis_cap=config.loss.tis_cap if pg else None,
                   aggregation=config.loss.aggregation, full_vocab=config.loss.full_vocab,
                   full_vocab_coef=config.loss.full_vocab_coef, jsd_beta=config.loss.jsd_beta,
                   chunk_size=config.loss.chunk_size, remat=config.student.remat,

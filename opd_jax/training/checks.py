@@ -85,6 +85,24 @@ def validate(config, mesh=None) -> None:
         'as the OPD advantage. k3 is an unbiased estimate of the KL value, but as a reward '
         'its policy gradient is that of KL(pi||q) - KL(q||pi), not of the reverse KL; '
         'runs report it as the metric opd/reverse_kl_k3')
+  tis = config.loss.tis_cap
+  if tis is not None:
+    if not tis > 0:
+      raise ConfigError(f'config.loss.tis_cap={tis}: the truncation cap C of min(rho, C) must '
+                        'be > 0 (None: plain importance sampling)')
+    if config.loss.clip_eps is not None or config.loss.ratio_level != 'token':
+      raise ConfigError(
+          f'config.loss.tis_cap={tis} with config.loss.clip_eps={config.loss.clip_eps} / '
+          f'ratio_level={config.loss.ratio_level!r}: truncated IS replaces the token ratio by '
+          'min(rho, C) (docs/design.md §3.6) and is not combined with PPO clipping or the '
+          'sequence-level ratio; unset one of them')
+  if ro.max_staleness not in (0, 1) or isinstance(ro.max_staleness, bool):
+    raise ConfigError(f'config.rollout.max_staleness={ro.max_staleness!r}: 0 (synchronous) or 1 '
+                      '(batch k+1 is sampled while batch k is scored and trained on) are '
+                      'implemented')
+  if ro.max_staleness and config.mode != 'opd':
+    raise ConfigError(f'config.rollout.max_staleness={ro.max_staleness} applies to '
+                      f"config.mode='opd' (rollouts), not {config.mode!r}")
   if ro.slots < 0:
     raise ConfigError(f'config.rollout.slots={ro.slots}: the number of rows decoded at once '
                       'must be >= 0 (0: static batching)')

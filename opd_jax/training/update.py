@@ -67,6 +67,7 @@ class LossSpec:
   clip_eps: float | None = None
   clip_eps_high: float | None = None
   ratio_level: str = 'token'
+  tis_cap: float | None = None          # truncated IS at this cap instead of plain IS / clip
   aggregation: str = 'token-mean'
   full_vocab: str | None = None         # None | a key of losses.FULL_VOCAB_OPTIONS
   full_vocab_coef: float = 0.0
@@ -275,9 +276,14 @@ def _loss_terms(params, graphdef, batch: UpdateBatch, spec: LossSpec):
   if spec.kind == 'nll':
     per_token = jnp.where(m > 0, -s, 0.0)
   else:
-    per_token, is_stats = losses.policy_loss(
-        s, batch.behaviour_logprobs, batch.advantages, lmask, clip_eps=spec.clip_eps,
-        clip_eps_high=spec.clip_eps_high, ratio_level=spec.ratio_level)
+    if spec.tis_cap is None:
+      per_token, is_stats = losses.policy_loss(
+          s, batch.behaviour_logprobs, batch.advantages, lmask, clip_eps=spec.clip_eps,
+          clip_eps_high=spec.clip_eps_high, ratio_level=spec.ratio_level)
+    else:  # loss.tis_cap: the ratio truncated at the cap (docs/design.md §3.6)
+      per_token, is_stats = losses.truncated_is_policy_loss(
+          s, batch.behaviour_logprobs, batch.advantages, lmask, cap=spec.tis_cap)
+      stats['is/tis_frac'] = mean(is_stats['truncated_BxT'])
     ratio = jax.lax.stop_gradient(is_stats['ratio_BxT'])
     # The train-inference gap: |s − s_b| before any step on this batch is the sampler's
     # numerical disagreement with the update (precision, kernels), not policy change.

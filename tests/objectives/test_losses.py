@@ -267,6 +267,33 @@ def test_policy_loss_matches_numpy(level, eps, eps_high, with_tis):
     assert 0 < ref_clipped.sum() < on.sum()  # the inputs exercise both branches
 
 
+@pytest.mark.parametrize('cap', [0.8, 1.2, 5.0])
+def test_truncated_is_policy_loss_matches_numpy(cap):
+  """loss.tis_cap: value −min(ρ, C)·A and gradient −min(ρ, C)·A per response token, from
+  NumPy; a token that left the kept set (s = −∞) has loss and gradient 0; padding too."""
+  s = np.array(S, copy=True)
+  s[0, 1] = -np.inf  # on the mask (LENGTHS[0] > 1)
+  assert MASK[0, 1] > 0
+  s_b = np.where(MASK > 0, S_B, np.nan).astype(np.float32)  # garbage off the mask
+
+  def total(s_):
+    loss, _ = L.truncated_is_policy_loss(s_, s_b, ADV, MASK, cap=cap)
+    return jnp.sum(loss), loss
+  (_, loss), grad = jax.jit(jax.value_and_grad(total, has_aux=True))(s)
+  on = MASK > 0
+  rho = np.where(on, np.exp(f64(s) - np.where(on, f64(S_B), 0.)), 0.)
+  want = np.where(on, -np.minimum(rho, cap) * ADV, 0.)
+  np.testing.assert_allclose(loss, want, **TOL)
+  np.testing.assert_allclose(grad, want, **TOL)  # d(−w·exp(s − sg(s))·A)/ds = −w·A
+  assert loss[0, 1] == 0 and grad[0, 1] == 0 and np.isfinite(np.asarray(grad)).all()
+  _, stats = L.truncated_is_policy_loss(s, s_b, ADV, MASK, cap=cap)
+  np.testing.assert_allclose(np.asarray(stats['ratio_BxT'])[on], rho[on], **TOL)
+  np.testing.assert_array_equal(stats['truncated_BxT'], (rho > cap) & on)
+  assert 0 < int(np.sum((rho > cap) & on)) < on.sum() or cap == 5.0
+  with pytest.raises(ValueError, match='cap=0'):
+    L.truncated_is_policy_loss(s, s_b, ADV, MASK, cap=0)
+
+
 def test_truncated_is_weight():
   a, b = S_B, S_B + RNG.randn(B, T).astype(np.float32)
   np.testing.assert_allclose(L.truncated_is_weight(a, b, 2.),

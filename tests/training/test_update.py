@@ -281,3 +281,35 @@ def test_forward_kl_terms_are_refused_under_truncation():
       LossSpec(top_k=5, full_vocab=option, jsd_beta=beta)
     LossSpec(full_vocab=option, jsd_beta=beta)                # untruncated: allowed
     LossSpec(kind='nll', top_k=5, full_vocab=option, jsd_beta=beta)
+
+
+def test_truncated_is_update_matches_numpy_and_plain_is_without_truncation(model_parts):
+  """loss.tis_cap = C: the loss is the token mean of −min(ρ, C)·A with ρ = exp(s − s_b) and
+  s from the model's logits in NumPy; with C above every ρ it is plain IS (same loss and
+  gradient norm)."""
+  graphdef, params = model_parts
+  tx, sched = make_optimizer(OPTIM, total_steps=10)
+  raw = _batch(2)
+  raw['behaviour_logprobs'] = raw['behaviour_logprobs'] + 1.0 * raw['loss_mask']  # ρ spread
+  batch = {k: jnp.asarray(v) for k, v in raw.items()}
+  logits = np.asarray(nnx.merge(graphdef, params)(batch['tokens'], batch['attention_mask']),
+                      np.float64)
+  logp = logits - logits.max(-1, keepdims=True)
+  logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+  s = -np.inf * np.ones(raw['tokens'].shape)
+  s[:, 1:] = np.take_along_axis(logp[:, :-1], raw['tokens'][:, 1:, None], -1)[..., 0]
+  m = raw['loss_mask'] > 0
+  rho = np.exp(s[m] - raw['behaviour_logprobs'][m])
+  cap = float(np.median(rho))
+  metrics = {}
+  for name, tis in (('tis', cap), ('wide', 1e30), ('plain', None)):
+    state = make_train_state(jax.tree.map(jnp.copy, params), tx)
+    fn = make_update_fn(graphdef, tx, sched, LossSpec(tis_cap=tis, remat=False))
+    metrics[name] = {k: float(v) for k, v in fn(state, batch)[1].items()}
+  want = np.mean(-np.minimum(rho, cap) * raw['advantages'][m])
+  assert metrics['tis']['loss'] == pytest.approx(want, rel=1e-4, abs=1e-6)
+  assert metrics['tis']['is/tis_frac'] == pytest.approx(np.mean(rho > cap), abs=1e-6)
+  assert metrics['tis']['is/ratio_mean'] == pytest.approx(rho.mean(), rel=1e-4)
+  for key in ('loss', 'grad_norm', 'is/ratio_mean', 'is/ratio_max'):
+    assert metrics['wide'][key] == pytest.approx(metrics['plain'][key], rel=1e-5), key
+  assert metrics['wide']['is/tis_frac'] == 0
