@@ -177,9 +177,10 @@ class Loop:
 
 
 # =================================================================================== run
-def run(config, workdir: str) -> dict:
+def run(config, workdir: str, *, on_update=None) -> dict:
   """Trains as `config` says; returns {'history', 'final', 'preempted', 'step',
-  'tokens_scored'}."""
+  'tokens_scored'}. `on_update(step, batch, metrics)`, when given, sees each step's
+  UpdateBatch and batch metrics just before its update (tests and benchmarks)."""
   # ------------------------------------------- checks that need no weights, then data
   logging.basicConfig(level=logging.INFO, format='%(asctime)s %(name)s: %(message)s')
   for noisy in ('absl', 'orbax', 'jax._src'):  # orbax logs every file it renames at INFO
@@ -242,6 +243,8 @@ def run(config, workdir: str) -> dict:
           batch, metrics = opd_batch(loop, state, key)
       except RemoteTeacherError as e:
         raise teacher_server_failed(loop, step, e) from None
+      if on_update is not None:
+        on_update(step, batch, metrics)
       state, upd = apply_update(loop, state, batch, step)
       metrics.update(upd)
       metrics['perf/step_s'] = time.time() - t_step
@@ -394,6 +397,7 @@ def opd_batch(loop: Loop, state, key) -> tuple[UpdateBatch, dict]:
     metrics['perf/tokens_per_s/scoring'] = scored / max(t_scoring, 1e-9)
   metrics['rollout/response_len'] = gen_tokens / len(records)
   metrics['perf/tokens_per_s/rollout'] = gen_tokens / max(t_rollout, 1e-9)
+  metrics['perf/rollout_s'], metrics['perf/scoring_s'] = t_rollout, t_scoring
   return batch, metrics
 
 

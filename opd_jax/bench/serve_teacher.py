@@ -31,10 +31,11 @@ def _get(url):
     return json.load(r)
 
 
-def start_server(model, extra_args, timeout_s=600):
-  """A serve_teacher process on a free loopback port; returns (process, url)."""
+def start_server(model, extra_args, timeout_s=600, prefix=()):
+  """A serve_teacher process on a free loopback port; returns (process, url). `prefix` goes
+  before the command (e.g. `taskset -c 1`)."""
   proc = subprocess.Popen(
-      [sys.executable, '-u', '-m', 'opd_jax.teachers.server', '--model', model, '--port', '0',
+      [*prefix, sys.executable, '-u', '-m', 'opd_jax.teachers.server', '--model', model, '--port', '0',
        *extra_args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   urls, lines = queue.Queue(), []
 
