@@ -43,7 +43,7 @@ from opd_jax.training.checkpoint import Checkpointer, PreemptionFlag
 from opd_jax.training.metrics import MetricWriter
 from opd_jax.models import save_pretrained
 from opd_jax.buckets import DEFAULT_PROMPT_BUCKETS
-from opd_jax.teachers.local import route_matrix, score_teachers
+from opd_jax.teachers.local import count_scored, route_matrix, score_teachers, submit_teachers
 from opd_jax.teachers.remote import RemoteTeacherError
 from opd_jax.training.update import UpdateBatch
 
@@ -124,6 +124,9 @@ class Loop:
   base_key: Any
   cast: Any                             # params -> params in the compute dtype
   engine: Any = None                    # rollout.engine.RolloutEngine of the OPD step
+  # rollout.max_staleness=1: {'behaviour_params', 'data'} of the batch in flight, saved with
+  # each checkpoint so that a resumed run samples it again (docs/design.md §11)
+  in_flight: dict | None = None
 
   @property
   def agent(self):
@@ -170,8 +173,12 @@ class Loop:
     return shd.to_host(kl_sum), shd.to_host(kl_cnt)
 
   def save(self, step, state, result, *, force):
+    in_flight = self.in_flight  # pipelined: what the next batch was sampled from (§11)
+    if in_flight is not None:
+      state = dict(state, behaviour_params=in_flight['behaviour_params'])
     self.ckpt.save(step, state, {
-        'data': self.data.prompts.state(), 'step': step, 'history': self.writer.history,
+        'data': in_flight['data'] if in_flight is not None else self.data.prompts.state(),
+        'step': step, 'history': self.writer.history,
         'final': result.get('final'), 'flops': self.flops.totals,
         'tokens_scored': {t.name: t.tokens_scored for t in self.run.teachers}}, force=force)
 
@@ -205,9 +212,15 @@ def run(config, workdir: str, *, on_update=None) -> dict:
   r = build_run(config, mesh, tokenizer=data.tokenizer)
   state = r.init_state()
   start_step, meta = 0, {}
+  pipelined = config.mode == 'opd' and int(config.rollout.max_staleness) > 0
+  behaviour = None  # pipelined: the parameters that sample the first batch of this run
   if ckpt.latest_step() is not None:
     start_step = int(ckpt.latest_step())
-    state, meta = ckpt.restore(start_step, state)
+    if pipelined:  # the checkpoint also holds the parameters that sampled the next batch
+      state, meta = ckpt.restore(start_step, dict(state, behaviour_params=state['params']))
+      behaviour = state.pop('behaviour_params')
+    else:
+      state, meta = ckpt.restore(start_step, state)
     data.prompts.restore(meta['data'])
     log.info('resumed from %s at step %d', ckpt.directory, start_step)
   total_steps = int(config.total_steps)
@@ -232,6 +245,10 @@ def run(config, workdir: str, *, on_update=None) -> dict:
     writer.progress(0, m, prefix='eval ')
   # ------------------------------------------------------------------------- the loop
   result = {'preempted': False, 'step': start_step}
+  if pipelined:
+    with PreemptionFlag() as preempt:
+      state = pipelined_loop(loop, state, behaviour, start_step, result, preempt, on_update)
+    return finish(loop, state, result, start_step, meta, workdir)
   with PreemptionFlag() as preempt:
     for step in range(start_step + 1, total_steps + 1):
       t_step = time.time()
@@ -252,6 +269,67 @@ def run(config, workdir: str, *, on_update=None) -> dict:
       if end_step(loop, state, step, metrics, result, preempt):
         break
   return finish(loop, state, result, start_step, meta, workdir)
+
+
+def pipelined_loop(loop: Loop, state, behaviour, start_step: int, result: dict, preempt,
+                   on_update=None):
+  """The OPD loop with rollout.max_staleness=1 (docs/design.md §11). Batch k + 1 is sampled
+  with the parameters from before update k, and its scoring submitted, before batch k's
+  scores are awaited and update k runs; so the teachers score batch k + 1 while the student
+  trains on batch k and samples batch k + 2. Batch 1 (and, after a resume from step s,
+  batch s + 1) is sampled first, with `behaviour` (None: the state's parameters).
+
+  Each checkpoint also holds the in-flight batch's sampling parameters and the data position
+  before it (`Loop.in_flight`): a run stopped at step k (SIGTERM, preemption,
+  debug.stop_at_step) drops batch k + 1, and the resumed run samples it again from the same
+  parameters, prompts and key, so a SIGKILLed, resumed run ends with the weights of an
+  uninterrupted one. Returns the final state."""
+  total = int(loop.config.total_steps)
+  copy = jax.jit(lambda t: jax.tree.map(jnp.copy, t))
+  if start_step >= total:
+    return state
+  params0 = state['params'] if behaviour is None else behaviour
+  loop.in_flight = {'behaviour_params': params0, 'data': loop.data.prompts.state()}
+  behaviour_step = start_step - (0 if behaviour is None else 1)
+
+  def sample(params, step):
+    sampled = sample_batch(loop, params, jax.random.fold_in(loop.base_key, step))
+    return sampled, submit_scoring(loop, sampled)
+
+  try:
+    cur = sample(params0, start_step + 1)
+  except RemoteTeacherError as e:
+    raise teacher_server_failed(loop, start_step + 1, e) from None
+  for step in range(start_step + 1, total + 1):
+    t_step = time.time()
+    try:
+      nxt, staleness = None, (step - 1) - behaviour_step
+      if step < total:
+        # θ_{k-1}, which samples batch k + 1; a copy survives update k for the checkpoint
+        loop.in_flight = {'behaviour_params': copy(state['params']),
+                          'data': loop.data.prompts.state()}
+        nxt = sample(state['params'], step + 1)
+      batch, metrics = finish_batch(loop, *cur)
+    except RemoteTeacherError as e:
+      raise teacher_server_failed(loop, step, e) from None
+    metrics['pipeline/staleness'] = float(staleness)
+    if nxt is not None:
+      metrics['pipeline/next_rollout_s'] = nxt[0].t_rollout
+    if on_update is not None:
+      on_update(step, batch, metrics)
+    t_update = time.time()
+    state, upd = apply_update(loop, state, batch, step)
+    metrics.update(upd)
+    metrics['perf/update_s'] = time.time() - t_update
+    metrics['perf/step_s'] = time.time() - t_step
+    result['step'] = step
+    behaviour_step = step - 1
+    if step == total:
+      loop.in_flight = {'behaviour_params': state['params'], 'data': loop.data.prompts.state()}
+    if end_step(loop, state, step, metrics, result, preempt):
+      break
+    cur = nxt
+  return state
 
 
 def teacher_server_failed(loop: Loop, step: int, err: Exception) -> RemoteTeacherError:
@@ -340,37 +418,85 @@ def routed_teacher_sft_batch(loop: Loop, local, key) -> UpdateBatch:
 
 def opd_batch(loop: Loop, state, key) -> tuple[UpdateBatch, dict]:
   """Prompts -> the student's rollout -> routed teacher (and reference) scoring -> rewards
-  -> per-token advantages (docs/design.md §2)."""
-  c, r, d = loop.config, loop.run, loop.data
+  -> per-token advantages (docs/design.md §2), one after another: `sample_batch`,
+  `submit_scoring`, `finish_batch` (the pipelined loop runs the same three apart, §11)."""
+  sampled = sample_batch(loop, state['params'], key)
+  return finish_batch(loop, sampled, submit_scoring(loop, sampled))
+
+
+@dataclasses.dataclass
+class Sampled:
+  """A sampled batch waiting to be scored and trained on."""
+  records: list                         # the global batch's records (n_samples adjacent)
+  local: list                           # this process's rows
+  rollout: Any                          # rollout.engine.RolloutBatch
+  t_rollout: float                      # seconds the rollout took
+
+
+@dataclasses.dataclass
+class Scoring:
+  """The teachers' (and reference's) scoring of a Sampled batch, submitted."""
+  route: np.ndarray                     # [B, J]
+  pending: Any                          # teachers.local.PendingTeachers
+  ref: Any                              # reference logprobs [B, T] (dispatched) or None
+  host_attn: np.ndarray | None
+  t_submit: float
+
+
+def sample_batch(loop: Loop, params, key) -> Sampled:
+  """The next prompts and the student's rollout of them with `params` (its trainable
+  parameters; the engine gets them cast)."""
+  c, d = loop.config, loop.data
   n = int(c.rollout.n_samples)
   records = [x for x in d.prompts.next_batch(c.rollout.prompts_per_step) for _ in range(n)]
   local = loop.local(records)  # a prompt's n samples are adjacent rows
-  tags = [x.tag for x in records]
-  metrics: dict[str, float] = {}
-  # ------------------------------------------------------------------------- rollout
   t0 = time.time()
-  rollout = loop.engine(loop.cast(state['params']), local, jax.random.fold_in(key, 0))
+  rollout = loop.engine(loop.cast(params), local, jax.random.fold_in(key, 0))
+  return Sampled(records, local, rollout, time.time() - t0)
+
+
+def submit_scoring(loop: Loop, sampled: Sampled) -> Scoring:
+  """Dispatches every routed teacher's scoring (and the reference's) of the batch without
+  waiting for it: in-process teachers' device work is queued, remote requests are in
+  flight. Nothing here reads a score back to the host."""
+  r, ro = loop.run, sampled.rollout
+  t0 = time.time()
+  route = route_matrix([x.tag for x in sampled.records], r.specs)
+  tokens, attn = ro.tokens, ro.attention_mask
+  host_attn = np.asarray(attn) if jax.process_count() == 1 else None
+  pending = submit_teachers(r.teachers, tokens, attn, route, out_sharding=tokens.sharding,
+                            count=False)
+  ref = None
+  if r.reference is not None:
+    ref = r.reference.score(tokens, attn, np.arange(tokens.shape[0]),
+                            out_sharding=tokens.sharding)['logprobs']
+  return Scoring(route, pending, ref, host_attn, t0)
+
+
+def finish_batch(loop: Loop, sampled: Sampled, scoring: Scoring) -> tuple[UpdateBatch, dict]:
+  """Waits for the batch's scores, then rewards and per-token advantages: the UpdateBatch
+  and the batch's metrics. The rollout's FLOPs and the teachers' token counts are added
+  here, when the batch is used, so a batch dropped at a stop is not counted."""
+  c, r = loop.config, loop.run
+  records, local, rollout = sampled.records, sampled.local, sampled.rollout
+  tags = [x.tag for x in records]
+  n = int(c.rollout.n_samples)
   tokens, attn, lmask, s_b = (rollout.tokens, rollout.attention_mask, rollout.loss_mask,
                               rollout.behaviour_logprobs)
-  t_rollout = time.time() - t0
-  metrics.update(rollout.metrics)
+  metrics: dict[str, float] = dict(rollout.metrics)
   # the cast parameters' relayout onto the rollout layout, per device (docs/design.md §5)
   metrics['rollout/reshard_bytes'] = float(r.rollout_reshard_bytes)
   gen_tokens = float(jnp.sum(lmask))
   loop.flops.add('rollout', rollout.flops)
   # ----------------------------------------------------------------- teacher scoring
   t0 = time.time()
-  route = route_matrix(tags, r.specs)
-  host_attn = np.asarray(attn) if jax.process_count() == 1 else None
-  scored_before = sum(t.tokens_scored for t in r.teachers)
-  t_JxBxT, extras = score_teachers(r.teachers, tokens, attn, route, host_mask_BxT=host_attn,
-                                   out_sharding=tokens.sharding)
-  ref = None
-  if r.reference is not None:
-    ref = r.reference.score(tokens, attn, np.arange(tokens.shape[0]),
-                            out_sharding=tokens.sharding)['logprobs']
+  route = scoring.route
+  t_JxBxT, extras = scoring.pending.result()
+  ref = scoring.ref
   jax.block_until_ready(t_JxBxT)
-  t_scoring = time.time() - t0
+  t_wait = time.time() - t0
+  t_scoring = time.time() - scoring.t_submit
+  scored = count_scored(r.teachers, attn, route, host_mask_BxT=scoring.host_attn)
   _count_scoring_flops(loop, route, shd.to_host(jnp.sum(attn, axis=-1)))
   # ------------------------------------------------------------------------ rewards
   outcome = None
@@ -393,11 +519,11 @@ def opd_batch(loop: Loop, state, key) -> tuple[UpdateBatch, dict]:
     k3 = token_adv.k3_sum(s_b, t_JxBxT, jnp.asarray(route), lmask)
     metrics.update(steps.kl_metrics(shd.to_host(k3), shd.to_host(kl_cnt), tags, names,
                                     prefix='opd/reverse_kl_k3'))
-    scored = sum(t.tokens_scored for t in r.teachers) - scored_before
     metrics['perf/tokens_per_s/scoring'] = scored / max(t_scoring, 1e-9)
   metrics['rollout/response_len'] = gen_tokens / len(records)
-  metrics['perf/tokens_per_s/rollout'] = gen_tokens / max(t_rollout, 1e-9)
-  metrics['perf/rollout_s'], metrics['perf/scoring_s'] = t_rollout, t_scoring
+  metrics['perf/tokens_per_s/rollout'] = gen_tokens / max(sampled.t_rollout, 1e-9)
+  metrics['perf/rollout_s'], metrics['perf/scoring_s'] = sampled.t_rollout, t_scoring
+  metrics['perf/scoring_wait_s'] = t_wait  # blocked on the scores (all of it when synchronous)
   return batch, metrics
 
 

@@ -255,11 +255,25 @@ def submit_teachers(teachers, tokens_BxT, mask_BxT, route_BxJ: np.ndarray, *,
   """`score_teachers` without waiting: every teacher's `submit` (in-process ones dispatch
   their device work, remote ones post their requests), no host synchronisation on the
   results. `.result()` of the returned handle gives score_teachers' value."""
+  if count:
+    count_scored(teachers, mask_BxT, route_BxJ, host_mask_BxT=host_mask_BxT)
   handles = {}
   for j, t in enumerate(teachers):
     rows = np.nonzero(route_BxJ[:, j])[0]
-    if count and len(rows):
-      t.tokens_scored += int(host_mask_BxT[rows].sum() if host_mask_BxT is not None
-                             else jnp.sum(jnp.take(mask_BxT, jnp.asarray(rows), axis=0)))
     handles[t.name] = t.submit(tokens_BxT, mask_BxT, rows, out_sharding=out_sharding)
   return PendingTeachers(teachers, handles, tokens_BxT.shape)
+
+
+def count_scored(teachers, mask_BxT, route_BxJ: np.ndarray, *,
+                 host_mask_BxT: np.ndarray | None = None) -> int:
+  """Adds the real tokens of each teacher's routed rows to its `tokens_scored` (from
+  `host_mask_BxT` when given, else summed on device); returns the total added."""
+  total = 0
+  for j, t in enumerate(teachers):
+    rows = np.nonzero(route_BxJ[:, j])[0]
+    if len(rows):
+      n = int(host_mask_BxT[rows].sum() if host_mask_BxT is not None
+              else jnp.sum(jnp.take(mask_BxT, jnp.asarray(rows), axis=0)))
+      t.tokens_scored += n
+      total += n
+  return total
