@@ -262,8 +262,10 @@ def run(config, workdir: str, *, on_update=None) -> dict:
         raise teacher_server_failed(loop, step, e) from None
       if on_update is not None:
         on_update(step, batch, metrics)
+      t_update = time.time()
       state, upd = apply_update(loop, state, batch, step)
       metrics.update(upd)
+      metrics['perf/update_s'] = time.time() - t_update
       metrics['perf/step_s'] = time.time() - t_step
       result['step'] = step
       if end_step(loop, state, step, metrics, result, preempt):

@@ -28,9 +28,10 @@ import sys
 import tempfile
 import time
 
-# Sized on the 2-core development machine so that rollout and scoring take similar time.
+# Sized on the 2-core development machine so that rollout (+ update) and scoring take
+# similar time: the student decodes up to 128 tokens per row, the teacher scores the rows.
 STUDENT = 'tiny:qwen3:hidden_size=64,num_layers=2,num_heads=2,num_kv_heads=1,seed=0'
-TEACHER = 'tiny:qwen3:hidden_size=384,num_layers=6,num_heads=6,num_kv_heads=2,seed=1'
+TEACHER = 'tiny:qwen3:hidden_size=128,num_layers=4,num_heads=4,num_kv_heads=2,seed=1'
 ONE_DEVICE = '--xla_force_host_platform_device_count=1'
 
 
@@ -55,7 +56,7 @@ def trainer_config(url: str, max_staleness: int, steps: int, *, prompts: int, ne
   c.checkpoint.every = 0
   c.data.eval = {}
   c.export.hf_dir = ''
-  c.log_every = 1000
+  c.log_every = 1
   c.lock()
   return c
 
@@ -76,9 +77,32 @@ def train_once(args) -> None:
                                              if k.startswith(('perf/', 'pipeline/', 'rollout/'))}
   logging.getLogger('opd_jax').setLevel(logging.WARNING)
   with tempfile.TemporaryDirectory() as workdir:
-    train.run(config, workdir, on_update=on_update)
+    result = train.run(config, workdir, on_update=on_update)
+  for key in ('perf/update_s', 'perf/step_s'):  # known after the update
+    for step, value in result['history'].get(key, []):
+      times['metrics'][step][key] = value
   print('step_times=' + json.dumps({k: v for k, v in times.items() if k != 'metrics'}))
   print('step_metrics=' + json.dumps(times['metrics']))
+
+
+def warm_server(url: str, rows: int, max_len: int) -> None:
+  """Compiles every (batch bucket, length bucket) the runs can make the server call, so no
+  compile lands inside a timed span (batch requests of n sequences are one n-row call)."""
+  from opd_jax.teachers.remote import request_json
+  n = 1
+  while n <= rows:
+    length = 16
+    while length <= max_len:
+      request_json(url + '/generate', dict(
+          input_ids=[[1] * (length - 1)] * n, return_logprob=True, logprob_start_len=0,
+          sampling_params=dict(max_new_tokens=0, temperature=1.0)), timeout_s=600, retries=0)
+      length *= 2
+    n *= 2
+
+
+def server_counters(url: str) -> dict:
+  from opd_jax.teachers.remote import request_json
+  return request_json(url + '/get_model_info', timeout_s=30, retries=2)
 
 
 def _run_trainer(url, staleness, args) -> dict:
@@ -100,17 +124,20 @@ def _run_trainer(url, staleness, args) -> dict:
   metrics = {int(k): v for k, v in found['step_metrics'].items()}
   span = times[args.steps] - times[args.warmup]
   steady = [metrics[s] for s in range(args.warmup + 1, args.steps + 1)]
-  phases = {k: statistics.median(m[k] for m in steady) for k in steady[0]}
+  keys = set.intersection(*(set(m) for m in steady))
+  phases = {k: statistics.median(m[k] for m in steady) for k in sorted(keys)}
   return {'steps_per_s': (args.steps - args.warmup) / span, 'phases': phases}
 
 
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-  ap.add_argument('--steps', type=int, default=12)
-  ap.add_argument('--warmup', type=int, default=4, help='steps before the timed span')
+  ap.add_argument('--steps', type=int, default=16)
+  ap.add_argument('--warmup', type=int, default=6, help='steps before the timed span')
   ap.add_argument('--repeats', type=int, default=1, help='sync / pipelined pairs')
   ap.add_argument('--prompts', type=int, default=8, help='rollout.prompts_per_step')
-  ap.add_argument('--new-tokens', type=int, default=32, help='rollout.max_new_tokens')
+  ap.add_argument('--new-tokens', type=int, default=128, help='rollout.max_new_tokens')
+  ap.add_argument('--max-len', type=int, default=512,
+                  help='longest length bucket warmed up on the server (prompt + response)')
   ap.add_argument('--student', default=STUDENT)
   ap.add_argument('--teacher', default=TEACHER)
   ap.add_argument('--trainer-core', default='0')
@@ -130,8 +157,10 @@ def main(argv=None):
   teacher = tiny.resolve_model(args.teacher)
   tiny.resolve_model(args.student)
   os.environ['XLA_FLAGS'] = ONE_DEVICE  # the server's one device (inherited)
-  proc, url = start_server(teacher, ['--max-batch-size', str(args.prompts), '--batch-wait-ms',
-                                     '2'], prefix=['taskset', '-c', args.server_core])
+  proc, url = start_server(teacher, ['--max-batch-size', str(2 * args.prompts),
+                                     '--batch-wait-ms', '5'],
+                           prefix=['taskset', '-c', args.server_core])
+  warm_server(url, rows=2 * args.prompts, max_len=args.max_len)
   print(f'student={args.student} teacher={args.teacher} prompts={args.prompts} '
         f'new_tokens={args.new_tokens} steps={args.steps} warmup={args.warmup} '
         f'trainer_core={args.trainer_core} server_core={args.server_core} url={url}', flush=True)
@@ -139,11 +168,15 @@ def main(argv=None):
   try:
     for _ in range(args.repeats):
       for staleness in (0, 1):
+        before = server_counters(url)
         res = _run_trainer(url, staleness, args)
+        after = server_counters(url)
         runs[staleness].append(res['steps_per_s'])
         phases = ' '.join(f'{k}={v:.3f}' for k, v in sorted(res['phases'].items()))
-        print(f"  max_staleness={staleness} steps_per_s={res['steps_per_s']:.3f} {phases}",
-              flush=True)
+        print(f"  max_staleness={staleness} steps_per_s={res['steps_per_s']:.3f} "
+              f"server_device_s_per_step={(after['device_s'] - before['device_s']) / args.steps:.3f} "
+              f"server_new_compiles={after['compiled_shapes'] - before['compiled_shapes']} "
+              f'{phases}', flush=True)
       ratios.append(runs[1][-1] / runs[0][-1])
   finally:
     proc.kill()
