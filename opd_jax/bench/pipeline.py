@@ -11,8 +11,10 @@ sampled while the server scores batch k). Each run's time per step is the wall t
 the updates of step `--warmup` and of the last step (compiles excluded), divided by the steps
 between them. The models are sized so that the student's rollout and the teacher's scoring
 of a batch take comparable time on one core (the sync run's phase times are printed to show
-it). Prints a line per run, then `pipelined_over_sync=X` (steps/s ratio; medians over
-`--repeats` alternating pairs).
+it). First it prints `core_parallelism`: what two CPU-bound processes pinned to the two
+cores get done at once relative to one (2.0 for independent cores): overlap cannot beat it.
+Prints a line per run, then `pipelined_over_sync=X` (steps/s ratio; median over `--repeats`
+alternating pairs).
 
 `--trainer` is the internal entry point of one training run (it prints `step_times=...`).
 """
@@ -85,6 +87,26 @@ def train_once(args) -> None:
   print('step_metrics=' + json.dumps(times['metrics']))
 
 
+_PROBE = ('import os, time\nimport numpy as np\na = np.random.RandomState(0).rand(400, 400)\n'
+          't = time.perf_counter()\nfor _ in range(200): a @ a\nprint(time.perf_counter() - t)')
+
+
+def core_parallelism(cores: tuple[str, str]) -> float:
+  """How much two CPU-bound processes pinned to `cores` get done at once, relative to one:
+  2 x (the time of a NumPy matmul loop alone on the first core) / (the longer of the two
+  when both run together). 2.0: independent cores; ~1.0: the two share one core's
+  throughput (SMT siblings, a hypervisor's share, other jobs), and no overlap of the
+  trainer with the server can then speed a step up."""
+  def start(core):
+    return subprocess.Popen(['taskset', '-c', core, sys.executable, '-c', _PROBE],
+                            env=dict(os.environ, OMP_NUM_THREADS='1', OPENBLAS_NUM_THREADS='1'),
+                            stdout=subprocess.PIPE, text=True)
+  alone = float(start(cores[0]).communicate()[0])
+  both = [start(c) for c in cores]
+  together = max(float(p.communicate()[0]) for p in both)
+  return 2 * alone / together
+
+
 def warm_server(url: str, rows: int, max_len: int) -> None:
   """Compiles every (batch bucket, length bucket) the runs can make the server call, so no
   compile lands inside a timed span (batch requests of n sequences are one n-row call)."""
@@ -152,6 +174,9 @@ def main(argv=None):
   if not args.warmup < args.steps:
     ap.error('--warmup must be below --steps')
 
+  parallelism = core_parallelism((args.trainer_core, args.server_core))
+  print(f'core_parallelism={parallelism:.2f} (2.00: two independent cores; the ceiling of '
+        f'pipelined_over_sync here is about min(2, this))', flush=True)
   from opd_jax.bench.serve_teacher import start_server
   from opd_jax.models import tiny
   teacher = tiny.resolve_model(args.teacher)

@@ -124,8 +124,10 @@ def main(argv=None):
     def latest_step(self): return None
     directory = None
 
+  from opd_jax.training import episodes
   loop = train.Loop(c, r, data, None, compute.FlopCounter(), _NoCkpt(),
-                    jax.random.key(0), r.cast_fn())
+                    jax.random.key(0), r.cast_fn(),
+                    episodes.rollout_engine(c, r, data.tokenizer, data.encoder))
   state = r.init_state()
 
   def step(state, i):
