@@ -198,8 +198,9 @@ def main(argv=None):
         after = server_counters(url)
         runs[staleness].append(res['steps_per_s'])
         phases = ' '.join(f'{k}={v:.3f}' for k, v in sorted(res['phases'].items()))
+        device_s = (after['device_s'] - before['device_s']) / args.steps
         print(f"  max_staleness={staleness} steps_per_s={res['steps_per_s']:.3f} "
-              f"server_device_s_per_step={(after['device_s'] - before['device_s']) / args.steps:.3f} "
+              f'server_device_s_per_step={device_s:.3f} '
               f"server_new_compiles={after['compiled_shapes'] - before['compiled_shapes']} "
               f'{phases}', flush=True)
       ratios.append(runs[1][-1] / runs[0][-1])

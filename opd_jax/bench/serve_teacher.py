@@ -7,7 +7,8 @@ Starts `python -m opd_jax.teachers.server --model DIR --port 0` (or uses a runni
 ids as SGLang /generate scoring requests, C at a time (closed loop: each client sends its
 next request when the last one is answered). Every batch shape is compiled first (one batch
 request per power-of-two size), then each setting runs once untimed and once timed. Prints
-a detail line per setting (with p50 / p99 request latency), then one `clients=C tokens_per_s=<n>` line each, the last last.
+a detail line per setting (with p50 / p99 request latency), then one
+`clients=C tokens_per_s=<n>` line each, the last last.
 `device_busy` is the share of the wall time the server spent in device calls: near 1 the
 model is the limit, well below 1 HTTP / JSON / Python overhead is. `--make-model` first
 writes the ~4M-parameter Qwen3 of opd_jax.bench.sampler to --model if it has no config.json;
@@ -35,8 +36,8 @@ def start_server(model, extra_args, timeout_s=600, prefix=()):
   """A serve_teacher process on a free loopback port; returns (process, url). `prefix` goes
   before the command (e.g. `taskset -c 1`)."""
   proc = subprocess.Popen(
-      [*prefix, sys.executable, '-u', '-m', 'opd_jax.teachers.server', '--model', model, '--port', '0',
-       *extra_args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+      [*prefix, sys.executable, '-u', '-m', 'opd_jax.teachers.server', '--model', model,
+       '--port', '0', *extra_args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   urls, lines = queue.Queue(), []
 
   def read():

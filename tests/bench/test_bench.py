@@ -93,3 +93,22 @@ def test_accelerator_dry_run():
   assert p.returncode == 0, p.stderr[-3000:]
   assert 'update_mfu=' in p.stdout and 'decode_hbm_GBps=' in p.stdout
   assert 'ACCELERATOR_CHECK_DONE' in p.stdout
+
+
+@pytest.mark.e2e
+def test_pipeline_bench_quick(capsys):
+  """The pipelined-vs-synchronous benchmark end to end on tiny settings: a served teacher, two
+  pinned training runs, the ratio line (its value is not checked)."""
+  import shutil
+  if shutil.which('taskset') is None:
+    pytest.skip('taskset is not installed')
+  from opd_jax.bench import pipeline
+  pipeline.main(['--steps', '3', '--warmup', '1', '--prompts', '2', '--new-tokens', '8',
+                 '--max-len', '16'])
+  out = capsys.readouterr().out
+  assert re.search(r'^core_parallelism=[0-9.]+ ', out, re.M)
+  runs = re.findall(r'^  max_staleness=(\d) steps_per_s=[0-9.]+ .*server_new_compiles=\d+', out,
+                    re.M)
+  assert runs == ['0', '1'], out
+  assert 'pipeline/staleness=1.000' in out and 'perf/scoring_wait_s=' in out
+  assert re.search(r'^pipelined_over_sync=[0-9.]+$', out.strip().splitlines()[-1])
