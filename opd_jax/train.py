@@ -43,6 +43,7 @@ from opd_jax.training.checkpoint import Checkpointer, PreemptionFlag
 from opd_jax.training.metrics import MetricWriter
 from opd_jax.models import save_pretrained
 from opd_jax.buckets import DEFAULT_PROMPT_BUCKETS
+from opd_jax.teachers.cross import ScoreContext
 from opd_jax.teachers.local import route_matrix, score_teachers
 from opd_jax.training.update import UpdateBatch
 
@@ -160,10 +161,11 @@ class Loop:
         top_p=c.rollout.top_p, kl_fn=self.teacher_kl if c.eval.reverse_kl else None,
         teachers=r.teachers, base=m, n_single=len(records))
 
-  def teacher_kl(self, tokens, attn, lmask, s_b, tags):
+  def teacher_kl(self, tokens, attn, lmask, s_b, tags, records=None):
     route = route_matrix(tags, self.run.specs)
     t, _ = score_teachers(self.run.teachers, tokens, attn, route,
-                          out_sharding=tokens.sharding, count=False)
+                          out_sharding=tokens.sharding, count=False,
+                          context=None if records is None else ScoreContext(records, lmask))
     _, kl_sum, kl_cnt = token_adv.advantages(s_b, t, None, self.run.coef_J, jnp.asarray(route),
                                          lmask, None, mode='none')
     return shd.to_host(kl_sum), shd.to_host(kl_cnt)
@@ -342,7 +344,8 @@ def opd_batch(loop: Loop, state, key) -> tuple[UpdateBatch, dict]:
   host_attn = np.asarray(attn) if jax.process_count() == 1 else None
   scored_before = sum(t.tokens_scored for t in r.teachers)
   t_JxBxT, extras = score_teachers(r.teachers, tokens, attn, route, host_mask_BxT=host_attn,
-                                   out_sharding=tokens.sharding)
+                                   out_sharding=tokens.sharding,
+                                   context=ScoreContext(records, lmask))
   ref = None
   if r.reference is not None:
     ref = r.reference.score(tokens, attn, np.arange(tokens.shape[0]),
@@ -505,8 +508,9 @@ def _count_scoring_flops(loop: Loop, route_BxJ, seq_lens_B) -> None:
   r = loop.run
   for j, t in enumerate(r.teachers):
     if t.cfg is not None and route_BxJ[:, j].any():
-      loop.flops.add(f'scoring/{t.name}', compute.score_flops(t.cfg,
-                                                              seq_lens_B[route_BxJ[:, j] > 0]))
+      lens = getattr(t, 'last_seq_lens', None)  # a cross-tokenizer teacher's own tokens
+      lens = seq_lens_B if lens is None else lens
+      loop.flops.add(f'scoring/{t.name}', compute.score_flops(t.cfg, lens[route_BxJ[:, j] > 0]))
   if r.reference is not None:
     loop.flops.add('reference', compute.score_flops(r.reference.cfg, seq_lens_B))
 

@@ -53,6 +53,8 @@ class TeacherSpec:
   remote_timeout_s: float = 60.0
   remote_retries: int = 3
   remote_concurrency: int = 16
+  cross_tokenizer: bool = False         # another tokenizer: score aligned text (teachers/cross.py)
+  tokenizer: str | None = None          # the teacher's tokenizer (None: model's; remote: needed)
 
   def handles(self, tag: str) -> bool:
     return not self.tags or tag in self.tags
@@ -186,12 +188,14 @@ def _scatter_fn(b: int, mesh, ndims):
 
 def score_teachers(teachers, tokens_BxT, mask_BxT, route_BxJ: np.ndarray, *,
                    host_mask_BxT: np.ndarray | None = None, out_sharding=None,
-                   count: bool = True):
+                   count: bool = True, context=None):
   """Scores the batch with every teacher on its routed rows.
 
   Returns (t_JxBxT logprobs, {teacher: top-k dict or None}) on the student's sharding.
   With `count`, each teacher's `tokens_scored` grows by the real tokens of its routed rows
-  (from `host_mask_BxT` when given, else summed on device).
+  (from `host_mask_BxT` when given, else summed on device); a cross-tokenizer teacher
+  (`counts_own_tokens`, teachers/cross.py) counts its own tokens instead, and gets
+  `context` (a `cross.ScoreContext`: the rows' records and the loss mask).
   In-process teachers are dispatched first (they run concurrently on disjoint devices),
   then remote ones (whose HTTP requests are concurrent among themselves).
   """
@@ -201,10 +205,19 @@ def score_teachers(teachers, tokens_BxT, mask_BxT, route_BxJ: np.ndarray, *,
   outs = {}
   for j, t in enumerate(teachers):
     rows = np.nonzero(route_BxJ[:, j])[0]
+    if getattr(t, 'counts_own_tokens', False):
+      continue  # scored after the in-process teachers are dispatched (it blocks)
     if count and len(rows):
       t.tokens_scored += int(host_mask_BxT[rows].sum() if host_mask_BxT is not None
                              else jnp.sum(jnp.take(mask_BxT, jnp.asarray(rows), axis=0)))
     outs[t.name] = t.score(tokens_BxT, mask_BxT, rows, out_sharding=out_sharding)
+  for j, t in enumerate(teachers):
+    if getattr(t, 'counts_own_tokens', False):
+      rows = np.nonzero(route_BxJ[:, j])[0]
+      outs[t.name] = t.score(tokens_BxT, mask_BxT, rows, out_sharding=out_sharding,
+                             context=context)
+      if count and len(rows):
+        t.tokens_scored += int(t.last_seq_lens[rows].sum())
   logprobs, extra = [], {}
   for t in teachers:
     o = outs[t.name]

@@ -103,6 +103,27 @@ def validate(config, mesh=None) -> None:
         f'and config.teachers.{specs[0].name} is remote ({specs[0].remote_url}), which returns '
         f'only its own top-k logprobs. Use a top-k option ({", ".join(losses.TOPK_OPTIONS)}) '
         'or an in-process teacher (model=...)')
+  for s in specs:
+    if not s.cross_tokenizer:
+      continue
+    where = f'config.teachers.{s.name}.cross_tokenizer=True'
+    if config.loss.full_vocab:
+      raise ConfigError(
+          f'config.loss.full_vocab={config.loss.full_vocab!r} with {where}: full-vocabulary '
+          'and top-k distillation terms compare the two distributions id by id, and this '
+          "teacher's vocabulary is not the student's (no ULD-style term is implemented; "
+          'top-k terms would be defined only on one-to-one tokens). Unset loss.full_vocab: '
+          'the sampled-token OPD term is aligned by text (docs/design.md §14)')
+    if config.agent.tag_to_env:
+      raise ConfigError(f'{where} with config.agent.tag_to_env: multi-turn episodes are not '
+                        'supported with a cross-tokenizer teacher (single-turn responses only)')
+    if config.mode == 'sft' and config.sft.source == 'teacher':
+      raise ConfigError(f"{where} with config.sft.source='teacher': the teacher's samples "
+                        "are in its own vocabulary; use sft.source='dataset'")
+    if s.remote_url and not s.tokenizer:
+      raise ConfigError(f'{where} with a remote teacher needs config.teachers.{s.name}.'
+                        "tokenizer: a directory with the served model's tokenizer (the "
+                        'client re-tokenizes the responses for it)')
   if config.mode == 'sft' and config.sft.source == 'teacher' and (
       not specs or any(s.remote_url for s in specs)):
     raise ConfigError("config.sft.source='teacher' needs in-process teachers (config.teachers "
