@@ -1,5 +1,5 @@
 """On-policy distillation from a teacher with another tokenizer: Qwen3-1.7B student <-
-Llama-3.1-8B-Instruct teacher, math (docs/design.md §14).
+Llama-3.1-8B-Instruct teacher, math (docs/design.md §11).
 
   python -m opd_jax.train --config configs/opd_cross_tokenizer.py --workdir $WORKDIR \
       --config.student.model=/ckpt/Qwen3-1.7B \

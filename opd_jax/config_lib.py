@@ -19,7 +19,7 @@ def teacher(model: str | None = None, *, kl_coef: float = 1.0, tags=(), sharding
             dtype='float32', devices=None, remote_url=None, remote_protocol='sglang',
             cross_tokenizer=False, tokenizer=None, **kw) -> ConfigDict:
   """One entry of `config.teachers`. `cross_tokenizer=True` allows a teacher whose
-  tokenizer differs from the student's (docs/design.md §14); `tokenizer`: the teacher's
+  tokenizer differs from the student's (docs/design.md §11); `tokenizer`: the teacher's
   tokenizer directory (None: the model's; needed for a remote cross-tokenizer teacher)."""
   return ConfigDict(dict(
       model=model if model is not None else placeholder(str), kl_coef=kl_coef,

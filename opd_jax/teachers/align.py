@@ -1,5 +1,5 @@
 """The cross-tokenizer alignment rule: a teacher's per-token logprobs of a text, re-attributed
-to the student's tokens of the same text by character offsets (docs/design.md §14).
+to the student's tokens of the same text by character offsets (docs/design.md §11).
 
 Host-side only (numpy and a tokenizer's `decode`; no JAX, no config).
 

@@ -1,6 +1,6 @@
 """A teacher with another tokenizer (`TeacherSpec.cross_tokenizer`), behind the same
 `Teacher` interface: its `score` returns per-*student*-token logprobs already aligned, so
-the advantage code and the update do not change (docs/design.md §14).
+the advantage code and the update do not change (docs/design.md §11).
 
 Per routed row: the student's response tokens (its loss-mask positions) are decoded to text;
 the record's messages are rendered in the *teacher's* chat template (the same template name,

@@ -242,7 +242,7 @@ def _cross_teacher(spec, *, student_tokenizer, stop_ids, template, tag_to_templa
   if spec.remote_url:  # the server holds the teacher's tokenizer: check it against that one
     inner._check_server(teacher_tok, None)
   log.info('teacher %r: another tokenizer (%d tokens, student %d): scores re-tokenized text, '
-           'aligned by character offsets (docs/design.md §14)', spec.name, len(teacher_tok),
+           'aligned by character offsets (docs/design.md §11)', spec.name, len(teacher_tok),
            len(student_tokenizer))
   return CrossTokenizerTeacher(inner, student_tokenizer=student_tokenizer,
                                teacher_tokenizer=teacher_tok, stop_ids=stop_ids,

@@ -113,7 +113,7 @@ def validate(config, mesh=None) -> None:
           'and top-k distillation terms compare the two distributions id by id, and this '
           "teacher's vocabulary is not the student's (no ULD-style term is implemented; "
           'top-k terms would be defined only on one-to-one tokens). Unset loss.full_vocab: '
-          'the sampled-token OPD term is aligned by text (docs/design.md §14)')
+          'the sampled-token OPD term is aligned by text (docs/design.md §11)')
     if config.agent.tag_to_env:
       raise ConfigError(f'{where} with config.agent.tag_to_env: multi-turn episodes are not '
                         'supported with a cross-tokenizer teacher (single-turn responses only)')
