@@ -48,7 +48,8 @@ class CrossTokenizerTeacher:
 
   `last_seq_lens` [B] holds the teacher's own real tokens per row of the last `score` call
   (0 on unrouted rows), which the FLOP and token counts use; `alignment` the last call's
-  student-token counts by kind (align.KINDS)."""
+  student-token counts by kind (align.KINDS), `last_kinds` [B, T] each response position's
+  kind (an index into align.KINDS; -1 elsewhere)."""
 
   counts_own_tokens = True
 
@@ -70,7 +71,7 @@ class CrossTokenizerTeacher:
     self.encoder = PromptEncoder(teacher_tokenizer, template=template,
                                  tag_to_template=tag_to_template, max_prompt_len=10**9)
     self.tokens_scored = 0
-    self.last_seq_lens = None
+    self.last_seq_lens = self.last_kinds = None
     self.alignment = dict.fromkeys(align.KINDS, 0)
 
   @property
@@ -137,13 +138,15 @@ class CrossTokenizerTeacher:
     out = self.inner.score(ids, mask, rows)
     lp = shd.to_host(out['logprobs'])
     result = np.zeros((b, t), np.float32)
-    counts = np.zeros(len(align.KINDS), np.int64)
+    kinds = np.full((b, t), -1, np.int8)
     for r, a in aligns.items():
       m = len(a.teacher_ids)
       if len(positions[r]):
         result[r, positions[r]] = a.aligned(lp[r, p_t:p_t + m])
-        counts += np.bincount(a.kinds(), minlength=len(align.KINDS))
+        kinds[r, positions[r]] = a.kinds()
+    counts = np.bincount(kinds[kinds >= 0], minlength=len(align.KINDS))
     self.last_seq_lens = mask.sum(-1).astype(np.int64)
+    self.last_kinds = kinds
     self.alignment = dict(zip(align.KINDS, (int(c) for c in counts)))
     return self._place({'logprobs': result}, out_sharding)
 

@@ -286,3 +286,59 @@ def test_config_opt_in_and_refusals(char_tok, bpe_teacher_path, mesh):
   with pytest.raises(ConfigError, match='teachers.teacher.tokenizer'):
     validate(with_overrides(cfg(), teachers__teacher__model=None,
                             teachers__teacher__remote_url='http://127.0.0.1:1'))
+
+
+def test_served_cross_tokenizer_teacher_matches_in_process(char_tok, bpe_tok, bpe_teacher_path,
+                                                           mesh):
+  """The client aligns: a served BPE teacher (loopback) gives the in-process cross-tokenizer
+  teacher's aligned logprobs; the server's tokenizer is checked against the teacher's."""
+  from opd_jax.training import builder
+  from test_remote import ServerProcess
+  server = ServerProcess(bpe_teacher_path, '--max-batch-size', '8', devices=1)
+  try:
+    spec = TeacherSpec('bpe', remote_url=server.url, cross_tokenizer=True,
+                       tokenizer=bpe_teacher_path)
+    remote = builder.make_teacher(spec, student_mesh=mesh, student_tokenizer=char_tok,
+                                  stop_ids=[char_tok.eos_token_id])
+    local = builder.make_teacher(TeacherSpec('bpe', model=bpe_teacher_path,
+                                             cross_tokenizer=True),
+                                 student_mesh=mesh, student_tokenizer=char_tok,
+                                 stop_ids=[char_tok.eos_token_id])
+    assert isinstance(remote, CrossTokenizerTeacher) and isinstance(local, CrossTokenizerTeacher)
+    tokens, attn, lmask = _student_batch(char_tok)
+    rows = np.asarray([0, 3, 4, 7])
+    ctx = ScoreContext(RECORDS, lmask)
+    got = np.asarray(remote.score(tokens, attn, rows, context=ctx)['logprobs'])
+    want = np.asarray(local.score(tokens, attn, rows, context=ctx)['logprobs'])
+    np.testing.assert_allclose(got, want, atol=2e-5)
+    assert np.any(got != 0)
+    np.testing.assert_array_equal(remote.last_seq_lens, local.last_seq_lens)
+    # a `tokenizer` that is not the served one is refused (fingerprint check)
+    with pytest.raises(VocabMismatchError):
+      builder.make_teacher(TeacherSpec('bpe', remote_url=server.url, cross_tokenizer=True,
+                                       tokenizer=tiny.resolve_model(CHAR_TEACHER)),
+                           student_mesh=mesh, student_tokenizer=char_tok)
+    remote.inner.close()
+  finally:
+    server.kill()
+
+
+def test_scoring_flops_count_the_teachers_own_tokens(char_tok, bpe_tok, bpe_teacher_path, mesh):
+  import types
+  from opd_jax import train
+  from opd_jax.training import flops as compute
+  inner = LocalTeacher(TeacherSpec('bpe', model=bpe_teacher_path), student_mesh=mesh)
+  cross = CrossTokenizerTeacher(inner, student_tokenizer=char_tok, teacher_tokenizer=bpe_tok,
+                                stop_ids=[char_tok.eos_token_id])
+  tokens, attn, lmask = _student_batch(char_tok)
+  route = np.zeros((8, 1), np.float32)
+  route[[0, 1, 5]] = 1
+  score_teachers([cross], tokens, attn, route, context=ScoreContext(RECORDS, lmask))
+  loop = types.SimpleNamespace(run=types.SimpleNamespace(teachers=[cross], reference=None),
+                               flops=compute.FlopCounter())
+  train._count_scoring_flops(loop, route, attn.sum(-1))
+  own = cross.last_seq_lens[[0, 1, 5]]
+  assert loop.flops.totals['scoring/bpe'] == compute.score_flops(inner.cfg, own)
+  assert compute.score_flops(inner.cfg, own) != compute.score_flops(inner.cfg,
+                                                                    attn.sum(-1)[[0, 1, 5]])
+  assert cross.tokens_scored == int(own.sum())
