@@ -125,6 +125,10 @@ class CrossTokenizerTeacher:
     rows = np.asarray(rows, np.int64)
     if len(rows) == 0:
       return None
+    import jax
+    if jax.process_count() > 1:
+      raise NotImplementedError(f'teacher {self.name!r}: cross_tokenizer runs on one process '
+                                'only (the teacher rows are built on the host)')
     if context is None:
       raise ValueError(f'teacher {self.name!r} (cross_tokenizer) needs the records of the '
                        'rows it scores (score_teachers(..., context=ScoreContext(...)))')

@@ -231,6 +231,11 @@ def _flatten(d, prefix=''):
   return out
 
 
+# Fields added after runs may have started, with the default that keeps such a run's
+# behaviour: a workdir whose config.json lacks them resumes as long as they hold it.
+ADDED_FIELD_DEFAULTS = {'teachers.*.cross_tokenizer': False, 'teachers.*.tokenizer': None}
+
+
 def check_resume(config, workdir: str, *, resuming: bool) -> None:
   """Writes the resolved config to workdir/config.json; when resuming, first compares it with
   the one written there and stops, listing the fields, on a change that alters the objective
@@ -241,6 +246,10 @@ def check_resume(config, workdir: str, *, resuming: bool) -> None:
     with open(path) as f:
       before = json.load(f)
     a, b = _flatten(before), _flatten(now)
+    for k, v in b.items():  # a field added since that run, at its default: unchanged
+      if k not in a and any(fnmatch.fnmatchcase(k, f) and v == d
+                            for f, d in ADDED_FIELD_DEFAULTS.items()):
+        a[k] = v
     changed = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and not any(
         fnmatch.fnmatchcase(k, f) for f in RESUMABLE_FIELDS))
     if changed:

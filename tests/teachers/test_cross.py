@@ -342,3 +342,22 @@ def test_scoring_flops_count_the_teachers_own_tokens(char_tok, bpe_tok, bpe_teac
   assert compute.score_flops(inner.cfg, own) != compute.score_flops(inner.cfg,
                                                                     attn.sum(-1)[[0, 1, 5]])
   assert cross.tokens_scored == int(own.sum())
+
+
+def test_a_workdir_from_before_the_field_resumes(tmp_path):
+  import json
+  from opd_jax.training.checks import ConfigError, check_resume
+  from test_train import load_config, with_overrides
+  config = load_config('opd_single_teacher', 'runlocal')
+  check_resume(config, str(tmp_path), resuming=False)
+  path = tmp_path / 'config.json'
+  old = json.loads(path.read_text())
+  for t in old['teachers'].values():  # as written before cross_tokenizer existed
+    del t['cross_tokenizer'], t['tokenizer']
+  path.write_text(json.dumps(old))
+  check_resume(config, str(tmp_path), resuming=True)  # the defaults: same run
+  path.write_text(json.dumps(old))
+  with pytest.raises(ConfigError, match='teachers.teacher.cross_tokenizer'):
+    check_resume(with_overrides(load_config('opd_single_teacher', 'runlocal'),
+                                teachers__teacher__cross_tokenizer=True),
+                 str(tmp_path), resuming=True)
