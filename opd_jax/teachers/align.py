@@ -32,6 +32,7 @@ token is one to one and t~ = t bit for bit (a sum of one term).
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import numpy as np
 
@@ -63,20 +64,63 @@ def end_offsets(tokenizer, ids, text: str | None = None) -> np.ndarray:
   """[n] int64 end offset in `text` (default: the decoded `ids`) of each token: the length
   of the common prefix of `decode(ids[:k+1])` and `text` (non-decreasing).
 
-  Fast path: when the tokens decode one by one to pieces that concatenate to `text` (char-
-  and most byte-level vocabularies on whole characters) the offsets are the cumulative piece
-  lengths; otherwise each prefix is decoded (quadratic in n, fine for responses of a few
-  thousand tokens)."""
+  Fast paths: when the tokens decode one by one to pieces that concatenate to `text` (char-
+  and byte-level vocabularies on whole characters), the cumulative piece lengths; for a
+  byte-level BPE, the cumulative bytes of the vocabulary strings (linear, also where tokens
+  end inside a character). Otherwise (e.g. SentencePiece, whose lone pieces drop their
+  leading space) each prefix is decoded: quadratic in n."""
   ids = [int(i) for i in ids]
   if text is None:
     text = decode(tokenizer, ids)
   pieces = [decode(tokenizer, [i]) for i in ids]
   if ''.join(pieces) == text and not any('\ufffd' in p for p in pieces):
     return np.cumsum([len(p) for p in pieces], dtype=np.int64).reshape(len(ids))
+  ends = _byte_level_ends(tokenizer, ids, text)
+  if ends is not None:
+    return ends
   out = np.zeros(len(ids), np.int64)
   for k in range(len(ids)):
     out[k] = _common_prefix_len(decode(tokenizer, ids[:k + 1]), text)
   return np.maximum.accumulate(out) if len(out) else out
+
+
+@functools.lru_cache(maxsize=1)
+def _unicode_to_byte() -> dict[str, int]:
+  """The inverse of the byte-level BPE alphabet (GPT-2's printable stand-in per byte)."""
+  keep = (list(range(ord('!'), ord('~') + 1)) + list(range(ord('¡'), ord('¬') + 1))
+          + list(range(ord('®'), ord('ÿ') + 1)))
+  chars, n = list(keep), 0
+  for b in range(256):
+    if b not in keep:
+      keep.append(b)
+      chars.append(256 + n)
+      n += 1
+  return {chr(c): b for b, c in zip(keep, chars)}
+
+
+def _byte_level_ends(tokenizer, ids, text: str) -> np.ndarray | None:
+  """End offsets in linear time for a byte-level BPE (GPT-2, Qwen, Llama 3): each token's
+  bytes from its vocabulary string, cumulated, then mapped to the characters whose bytes
+  are complete by then. None when `tokenizer` is not byte-level or its bytes are not `text`'s
+  (the caller then decodes prefixes)."""
+  backend = getattr(tokenizer, 'backend_tokenizer', None)
+  if backend is None or type(backend.decoder).__name__ != 'ByteLevel':
+    return None
+  table, added = _unicode_to_byte(), getattr(tokenizer, 'added_tokens_decoder', {})
+  lengths = []
+  for i, tok in zip(ids, tokenizer.convert_ids_to_tokens(ids)):
+    if i in added:
+      lengths.append(len(added[i].content.encode('utf-8')))
+    elif tok is None or any(c not in table for c in tok):
+      return None
+    else:
+      lengths.append(len(tok))
+  raw = text.encode('utf-8')
+  if sum(lengths) != len(raw):
+    return None
+  char_byte_ends = np.cumsum([len(c.encode('utf-8')) for c in text], dtype=np.int64)
+  byte_ends = np.cumsum(lengths, dtype=np.int64)
+  return np.searchsorted(char_byte_ends, byte_ends, side='right').astype(np.int64)
 
 
 def attribute(student_ends: np.ndarray, teacher_ends: np.ndarray) -> np.ndarray:

@@ -361,3 +361,28 @@ def test_a_workdir_from_before_the_field_resumes(tmp_path):
     check_resume(with_overrides(load_config('opd_single_teacher', 'runlocal'),
                                 teachers__teacher__cross_tokenizer=True),
                  str(tmp_path), resuming=True)
+
+
+def test_byte_level_offsets_match_prefix_decoding_on_multibyte_text():
+  # The linear byte-level path against the definition (decode every prefix), on text with
+  # 2-, 3- and 4-byte characters that a BPE trained here cuts mid-character.
+  import random
+  rng = random.Random(0)
+  alphabet = 'abcé中文🙂 12+=\nxyzñ'
+  tok = tiny.build_bpe_tokenizer(400, corpus=[''.join(rng.choice(alphabet[:12]) for _ in range(40))
+                                               for _ in range(300)])
+  mid_char = 0
+  for _ in range(40):
+    text = ''.join(rng.choice(alphabet) for _ in range(rng.randint(1, 60)))
+    ids = tok(text, add_special_tokens=False)['input_ids']
+    if rng.random() < 0.3:  # a special token inside the text
+      ids, text = ids + [tok.eos_token_id], text + tok.eos_token
+    by_prefix = np.maximum.accumulate([align._common_prefix_len(align.decode(tok, ids[:k + 1]),
+                                                                text) for k in range(len(ids))])
+    fast = align._byte_level_ends(tok, ids, text)
+    assert fast is not None
+    np.testing.assert_array_equal(fast, by_prefix)
+    np.testing.assert_array_equal(align.end_offsets(tok, ids, text), by_prefix)
+    mid_char += any('\ufffd' in align.decode(tok, [i]) for i in ids)
+  assert mid_char > 10
+  assert align._byte_level_ends(tiny.build_char_tokenizer(), [5, 6], 'ab') is None
