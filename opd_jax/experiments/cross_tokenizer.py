@@ -2,6 +2,8 @@
 task (3-digit addition written out column by column; configs/demo_arithmetic.py).
 
   python -m opd_jax.experiments.cross_tokenizer --workdir runs/xtok/seed0 --seed 0
+  python -m opd_jax.experiments.cross_tokenizer --workdir runs/xtok/seed1 --seed 1 \
+      --models-from runs/xtok/seed0        # the same teachers and student, OPD seed 1
   python -m opd_jax.experiments.cross_tokenizer --workdir /tmp/xtok_quick --quick
   python -m opd_jax.experiments.cross_tokenizer --workdir runs/xtok/agg --aggregate W0 W1 W2
 
@@ -9,7 +11,9 @@ The same teacher weights behind another tokenizer are not possible, so two teach
 trained by SFT on the same clean solutions with the same recipe (:teacher), architecture and
 steps: one with the student's char-level tokenizer and ChatML template, one with a
 byte-level BPE trained here by the `tokenizers` library on the training set's text
-(BPE_VOCAB tokens) and a Llama-3-style chat template. The student (:student, noisy data)
+(at most BPE_VOCAB tokens; digits split one per token, as Qwen's tokenizers do: a BPE that
+merges digits reached only 55% after the same SFT, seed 0) and a Llama-3-style chat
+template. The student (:student, noisy data)
 is then distilled on-policy (:opd, the same init, data, steps and learning rate) from each:
   opd_same   the char-level teacher, today's OPD;
   opd_cross  the BPE teacher with teachers.teacher.cross_tokenizer=True (docs/design.md §11).
@@ -48,7 +52,7 @@ def make_bpe_teacher_init(path: str, train_path: str, model_spec: str) -> str:
     return path
   kw = dict(x.split('=') for x in model_spec.split(':', 2)[2].split(','))
   kw = {k: int(v) for k, v in kw.items()}
-  tok = tiny.build_bpe_tokenizer(BPE_VOCAB, corpus=_texts(train_path))
+  tok = tiny.build_bpe_tokenizer(BPE_VOCAB, corpus=_texts(train_path), split_digits=True)
   return tiny.make_tiny_checkpoint(path, family=model_spec.split(':')[1], tokenizer=tok, **kw)
 
 
@@ -73,7 +77,10 @@ def _config(recipe, stage, paths, *, seed, quick, student, teacher=None, cross=F
   return c
 
 
-def run_experiment(workdir: str, *, seed: int = 0, quick: bool = False) -> dict:
+def run_experiment(workdir: str, *, seed: int = 0, quick: bool = False,
+                   models_from: str | None = None) -> dict:
+  """One seed. `models_from`: a finished seed's workdir whose two teachers and student are
+  reused (then only the OPD stages run here, with this seed)."""
   from opd_jax.tasks.arithmetic import write_dataset
   os.makedirs(workdir, exist_ok=True)
   enable_compile_cache(workdir)
@@ -84,20 +91,29 @@ def run_experiment(workdir: str, *, seed: int = 0, quick: bool = False) -> dict:
   teacher_spec = seeded_model(recipe.TEACHER_MODEL, seed)
   export = lambda name: os.path.join(workdir, name, 'export')  # noqa
   st = {}
-  st['teacher_char'] = run_stage('teacher_char', cfg('teacher', student=teacher_spec), workdir,
-                                 need_export=True)
-  bpe_init = make_bpe_teacher_init(os.path.join(workdir, 'teacher_bpe_init'), paths['train'],
-                                   teacher_spec)
-  st['teacher_bpe'] = run_stage('teacher_bpe', cfg('teacher', student=bpe_init), workdir,
-                                need_export=True)
-  st['student'] = run_stage('student', cfg('student', student=seeded_model(
-      recipe.STUDENT_MODEL, seed), teacher=export('teacher_char')), workdir, need_export=True)
+  if models_from:
+    export = lambda name: os.path.join(models_from, name, 'export')  # noqa
+    for k in ('teacher_char', 'teacher_bpe', 'student'):
+      with open(os.path.join(models_from, k, 'result.json')) as f:
+        st[k] = json.load(f)
+  else:
+    st['teacher_char'] = run_stage('teacher_char', cfg('teacher', student=teacher_spec),
+                                   workdir, need_export=True)
+    bpe_init = make_bpe_teacher_init(os.path.join(workdir, 'teacher_bpe_init'),
+                                     paths['train'], teacher_spec)
+    st['teacher_bpe'] = run_stage('teacher_bpe', cfg('teacher', student=bpe_init), workdir,
+                                  need_export=True)
+    st['student'] = run_stage('student', cfg('student', student=seeded_model(
+        recipe.STUDENT_MODEL, seed), teacher=export('teacher_char')), workdir,
+        need_export=True)
   st['opd_same'] = run_stage('opd_same', cfg('opd', student=export('student'),
                                              teacher=export('teacher_char')), workdir)
   st['opd_cross'] = run_stage('opd_cross', cfg('opd', student=export('student'),
                                                teacher=export('teacher_bpe'), cross=True),
                               workdir)
-  summary = {'seed': seed, 'quick': quick, 'rows': {}}
+  summary = {'seed': seed, 'quick': quick, 'rows': {}, 'models_from': models_from,
+             'alignment': _alignment(export('student'), export('teacher_bpe'),
+                                     paths['train'])}
   for k, _ in ROWS:
     f = st[k]['final']
     summary['rows'][k] = {'accuracy': f.get('eval/accuracy'),
@@ -112,6 +128,19 @@ def run_experiment(workdir: str, *, seed: int = 0, quick: bool = False) -> dict:
   return summary
 
 
+def _alignment(student_dir: str, teacher_dir: str, train_path: str, n: int = 200) -> dict:
+  """The alignment of the first `n` clean training solutions (student -> BPE teacher)."""
+  import transformers
+  from opd_jax.teachers import align
+  s_tok = transformers.AutoTokenizer.from_pretrained(student_dir)
+  t_tok = transformers.AutoTokenizer.from_pretrained(teacher_dir)
+  with open(train_path) as f:
+    texts = [json.loads(x)['response'] for x in f if x.strip()][:n]
+  return align.alignment_counts(
+      [align.align_response(s_tok, t_tok, s_tok(x, add_special_tokens=False)['input_ids'])
+       for x in texts])
+
+
 def table(sums) -> str:
   lines = [f'seeds: {", ".join(str(s["seed"]) for s in sums)}'
            + (' (quick: a pipeline check, not a result)' if any(s['quick'] for s in sums)
@@ -122,6 +151,15 @@ def table(sums) -> str:
     gain = (fmt_seeds([s['rows'][k]['gain'] for s in sums], '+.1%')
             if k.startswith('opd') else '')
     lines.append(f'| {label} | {acc} | {gain} |')
+  counts = sums[0].get('alignment') or {}
+  if counts:
+    total = max(1, sum(counts.values()))
+    lines += ['', 'student tokens of 200 clean training solutions under the BPE teacher: '
+              + ', '.join(f'{k} {100 * v / total:.1f}%' for k, v in counts.items())]
+  if any(s.get('models_from') for s in sums):
+    lines += ['', 'teachers and student trained once (seed '
+              + ', '.join(str(s['seed']) for s in sums if not s.get('models_from'))
+              + '); the other seeds vary the OPD stages only']
   return '\n'.join(lines)
 
 
@@ -166,7 +204,16 @@ def aggregate(workdirs, out_dir: str) -> str:
 
 
 def main(argv=None):
-  cli(__doc__, 'runs/cross_tokenizer', run_experiment, aggregate, argv)
+  import functools
+  import sys
+  argv = list(sys.argv[1:] if argv is None else argv)
+  models_from = None
+  if '--models-from' in argv:  # WORKDIR of a finished seed: reuse its teachers and student
+    i = argv.index('--models-from')
+    models_from = argv[i + 1]
+    del argv[i:i + 2]
+  cli(__doc__, 'runs/cross_tokenizer',
+      functools.partial(run_experiment, models_from=models_from), aggregate, argv)
 
 
 if __name__ == '__main__':

@@ -90,15 +90,19 @@ def default_bpe_corpus() -> list[str]:
 
 
 def build_bpe_tokenizer(vocab_size: int = 384, *, corpus=None,
-                        chat_template: str = LLAMA3_TEMPLATE):
+                        chat_template: str = LLAMA3_TEMPLATE, split_digits: bool = False):
   """A byte-level BPE `PreTrainedTokenizerFast` trained here with the `tokenizers` library
   (no hub) on `corpus` (default: `default_bpe_corpus()`), with Llama-3-style special tokens
-  first (pad = <|end_of_text|> = 0, eos = <|eot_id|>) and `chat_template`."""
+  first (pad = <|end_of_text|> = 0, eos = <|eot_id|>) and `chat_template`. `split_digits`:
+  every digit is its own token (as Qwen's tokenizers do); otherwise digits merge too."""
   from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
   from transformers import PreTrainedTokenizerFast
 
   tok = Tokenizer(models.BPE())
   tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  if split_digits:
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                 tok.pre_tokenizer])
   tok.decoder = decoders.ByteLevel()
   trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(BPE_SPECIAL_TOKENS),
                                 initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
