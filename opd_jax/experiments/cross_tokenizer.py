@@ -157,9 +157,11 @@ def table(sums) -> str:
     lines += ['', 'student tokens of 200 clean training solutions under the BPE teacher: '
               + ', '.join(f'{k} {100 * v / total:.1f}%' for k, v in counts.items())]
   if any(s.get('models_from') for s in sums):
-    lines += ['', 'teachers and student trained once (seed '
-              + ', '.join(str(s['seed']) for s in sums if not s.get('models_from'))
-              + '); the other seeds vary the OPD stages only']
+    reused = ', '.join(str(s['seed']) for s in sums if s.get('models_from'))
+    lines += ['', f'seeds {reused}: the teachers and the student of --models-from '
+              f'({next(s["models_from"] for s in sums if s.get("models_from"))}) reused; '
+              'only the OPD stages '
+              'ran with their seed']
   return '\n'.join(lines)
 
 
