@@ -17,14 +17,17 @@ LORA_TARGETS = r'layers/(self_attn/(q|k|v|o)_proj|mlp/(gate|up|down)_proj)/weigh
 
 def teacher(model: str | None = None, *, kl_coef: float = 1.0, tags=(), sharding='fsdp_tp',
             dtype='float32', devices=None, remote_url=None, remote_protocol='sglang',
-            **kw) -> ConfigDict:
-  """One entry of `config.teachers`."""
+            cross_tokenizer=False, tokenizer=None, **kw) -> ConfigDict:
+  """One entry of `config.teachers`. `cross_tokenizer=True` allows a teacher whose
+  tokenizer differs from the student's (docs/design.md §12); `tokenizer`: the teacher's
+  tokenizer directory (None: the model's; needed for a remote cross-tokenizer teacher)."""
   return ConfigDict(dict(
       model=model if model is not None else placeholder(str), kl_coef=kl_coef,
       tags=list(tags), sharding=sharding, dtype=dtype,
       devices=devices if devices is not None else placeholder(str),
       remote_url=remote_url if remote_url is not None else placeholder(str),
-      remote_protocol=remote_protocol, **kw))
+      remote_protocol=remote_protocol, cross_tokenizer=cross_tokenizer,
+      tokenizer=tokenizer if tokenizer is not None else placeholder(str), **kw))
 
 
 def base_config() -> ConfigDict:

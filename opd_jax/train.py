@@ -43,7 +43,8 @@ from opd_jax.training.checkpoint import Checkpointer, PreemptionFlag
 from opd_jax.training.metrics import MetricWriter
 from opd_jax.models import save_pretrained
 from opd_jax.buckets import DEFAULT_PROMPT_BUCKETS
-from opd_jax.teachers.local import count_scored, route_matrix, score_teachers, submit_teachers
+from opd_jax.teachers.cross import ScoreContext
+from opd_jax.teachers.local import route_matrix, score_teachers, submit_teachers
 from opd_jax.teachers.remote import RemoteTeacherError
 from opd_jax.training.update import UpdateBatch
 
@@ -164,10 +165,11 @@ class Loop:
         top_p=c.rollout.top_p, kl_fn=self.teacher_kl if c.eval.reverse_kl else None,
         teachers=r.teachers, base=m, n_single=len(records))
 
-  def teacher_kl(self, tokens, attn, lmask, s_b, tags):
+  def teacher_kl(self, tokens, attn, lmask, s_b, tags, records=None):
     route = route_matrix(tags, self.run.specs)
     t, _ = score_teachers(self.run.teachers, tokens, attn, route,
-                          out_sharding=tokens.sharding, count=False)
+                          out_sharding=tokens.sharding, count=False,
+                          context=None if records is None else ScoreContext(records, lmask))
     _, kl_sum, kl_cnt = token_adv.advantages(s_b, t, None, self.run.coef_J, jnp.asarray(route),
                                          lmask, None, mode='none')
     return shd.to_host(kl_sum), shd.to_host(kl_cnt)
@@ -460,14 +462,16 @@ def sample_batch(loop: Loop, params, key) -> Sampled:
 def submit_scoring(loop: Loop, sampled: Sampled) -> Scoring:
   """Dispatches every routed teacher's scoring (and the reference's) of the batch without
   waiting for it: in-process teachers' device work is queued, remote requests are in
-  flight. Nothing here reads a score back to the host."""
+  flight. Nothing here reads a score back to the host, except a cross-tokenizer teacher's
+  (its rows are re-tokenized on the host; it blocks, docs/design.md §12)."""
   r, ro = loop.run, sampled.rollout
   t0 = time.time()
   route = route_matrix([x.tag for x in sampled.records], r.specs)
   tokens, attn = ro.tokens, ro.attention_mask
   host_attn = np.asarray(attn) if jax.process_count() == 1 else None
   pending = submit_teachers(r.teachers, tokens, attn, route, out_sharding=tokens.sharding,
-                            count=False)
+                            count=False, context=ScoreContext(sampled.records,
+                                                              ro.loss_mask))
   ref = None
   if r.reference is not None:
     ref = r.reference.score(tokens, attn, np.arange(tokens.shape[0]),
@@ -498,8 +502,8 @@ def finish_batch(loop: Loop, sampled: Sampled, scoring: Scoring) -> tuple[Update
   jax.block_until_ready(t_JxBxT)
   t_wait = time.time() - t0
   t_scoring = time.time() - scoring.t_submit
-  scored = count_scored(r.teachers, attn, route, host_mask_BxT=scoring.host_attn)
-  _count_scoring_flops(loop, route, shd.to_host(jnp.sum(attn, axis=-1)))
+  scored = scoring.pending.count_scored(attn, route, host_mask_BxT=scoring.host_attn)
+  _count_scoring_flops(loop, route, shd.to_host(jnp.sum(attn, axis=-1)), scoring.pending)
   # ------------------------------------------------------------------------ rewards
   outcome = None
   if c.rl.estimator:
@@ -652,12 +656,14 @@ def _rollout_flops(cfg, rollout) -> int:
   return compute.rollout_flops(cfg, *rollout_token_counts(rollout))
 
 
-def _count_scoring_flops(loop: Loop, route_BxJ, seq_lens_B) -> None:
+def _count_scoring_flops(loop: Loop, route_BxJ, seq_lens_B, pending=None) -> None:
+  """Each teacher's scoring FLOPs on its routed rows: a cross-tokenizer teacher's own token
+  counts (from `pending`, the batch's PendingTeachers), else the student's `seq_lens_B`."""
   r = loop.run
   for j, t in enumerate(r.teachers):
     if t.cfg is not None and route_BxJ[:, j].any():
-      loop.flops.add(f'scoring/{t.name}', compute.score_flops(t.cfg,
-                                                              seq_lens_B[route_BxJ[:, j] > 0]))
+      lens = pending.seq_lens(t.name, seq_lens_B) if pending is not None else seq_lens_B
+      loop.flops.add(f'scoring/{t.name}', compute.score_flops(t.cfg, lens[route_BxJ[:, j] > 0]))
   if r.reference is not None:
     loop.flops.add('reference', compute.score_flops(r.reference.cfg, seq_lens_B))
 

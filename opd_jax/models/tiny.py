@@ -58,13 +58,73 @@ def build_char_tokenizer(chars: str = DEFAULT_CHARS, *, chat_template: str = CHA
   return fast
 
 
+# A Llama-3-style template and special tokens for the byte-level BPE tokenizer below: a
+# teacher that differs from the char-level student in vocabulary *and* chat template.
+LLAMA3_TEMPLATE = (
+    "{{ '<|begin_of_text|>' }}{% for message in messages %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content']"
+    " + '<|eot_id|>' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}"
+    "{% endif %}"
+)
+BPE_SPECIAL_TOKENS = ('<|end_of_text|>', '<|begin_of_text|>', '<|start_header_id|>',
+                      '<|end_header_id|>', '<|eot_id|>')
+
+
+def default_bpe_corpus() -> list[str]:
+  """A fixed training text for the tiny BPE: the sample prompts' kind of English, column
+  additions written out as the demo writes them, and every character of the char-level
+  vocabulary (deterministic: the same merges every time)."""
+  import random
+  rng = random.Random(0)
+  words = ('the sum of and is answer what write a python function that returns number add '
+           'digit carry column result question say hello name color capital count three '
+           'you are helpful assistant reply with one guess my from to def return print '
+           'read two integers input output line standard smaller minimum maximum').split()
+  lines = [DEFAULT_CHARS, ' '.join(words)]
+  for _ in range(400):
+    a, b = rng.randrange(1000), rng.randrange(1000)
+    lines.append(f'What is {a} + {b}? {a} + {b} = {a + b}. The answer is {a + b}.')
+    lines.append(' '.join(rng.choice(words) for _ in range(12)) + '.')
+  return lines
+
+
+def build_bpe_tokenizer(vocab_size: int = 384, *, corpus=None,
+                        chat_template: str = LLAMA3_TEMPLATE, split_digits: bool = False):
+  """A byte-level BPE `PreTrainedTokenizerFast` trained here with the `tokenizers` library
+  (no hub) on `corpus` (default: `default_bpe_corpus()`), with Llama-3-style special tokens
+  first (pad = <|end_of_text|> = 0, eos = <|eot_id|>) and `chat_template`. `split_digits`:
+  every digit is its own token (as Qwen's tokenizers do); otherwise digits merge too."""
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+  from transformers import PreTrainedTokenizerFast
+
+  tok = Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  if split_digits:
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                 tok.pre_tokenizer])
+  tok.decoder = decoders.ByteLevel()
+  trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(BPE_SPECIAL_TOKENS),
+                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                show_progress=False)
+  tok.train_from_iterator(list(corpus if corpus is not None else default_bpe_corpus()),
+                          trainer=trainer)
+  fast = PreTrainedTokenizerFast(
+      tokenizer_object=tok, pad_token='<|end_of_text|>', eos_token='<|eot_id|>',
+      bos_token='<|begin_of_text|>', additional_special_tokens=list(BPE_SPECIAL_TOKENS[2:4]))
+  fast.chat_template = chat_template
+  return fast
+
+
 def make_tiny_checkpoint(path: str, *, family: str = 'qwen3', hidden_size: int = 64,
                          num_layers: int = 2, num_heads: int = 4, num_kv_heads: int = 2,
                          head_dim: int | None = None, intermediate_size: int | None = None,
                          tokenizer=None, vocab_size: int | None = None, seed: int = 0,
                          tie_embeddings: bool | None = None, max_position_embeddings: int = 4096,
-                         overwrite: bool = False) -> str:
-  """Writes a random tiny model of `family` ('qwen3' | 'qwen2' | 'llama') plus a tokenizer.
+                         overwrite: bool = False, bpe: int = 0) -> str:
+  """Writes a random tiny model of `family` ('qwen3' | 'qwen2' | 'llama') plus a tokenizer:
+  `tokenizer`, else a byte-level BPE of `bpe` tokens when bpe > 0 (`build_bpe_tokenizer`),
+  else the char-level one.
 
   Returns `path`. If the directory already holds a config.json and `overwrite` is False,
   it is left as is (so recipes can call this idempotently).
@@ -73,6 +133,8 @@ def make_tiny_checkpoint(path: str, *, family: str = 'qwen3', hidden_size: int =
 
   if os.path.exists(os.path.join(path, 'config.json')) and not overwrite:
     return path
+  if tokenizer is None and bpe:
+    tokenizer = build_bpe_tokenizer(bpe)
   tokenizer = tokenizer or build_char_tokenizer(vocab_size=vocab_size)
   vocab = len(tokenizer)
   head_dim = head_dim or hidden_size // num_heads
@@ -104,7 +166,9 @@ def resolve_model(spec: str | None) -> str | None:
   e.g. `tiny:qwen3:hidden_size=64,num_layers=2,seed=1`. The cache is $OPD_JAX_CACHE or
   ~/.cache/opd_jax; checkpoints are written to a temporary directory and renamed, so
   concurrent processes never see a half-written one. Every tiny model shares the same
-  char-level tokenizer, so tiny students and teachers are vocabulary-compatible.
+  char-level tokenizer, so tiny students and teachers are vocabulary-compatible, except with
+  `bpe=N`: a byte-level BPE of N tokens with a Llama-3-style template (a cross-tokenizer
+  teacher).
   """
   if not spec or not spec.startswith('tiny:'):
     return spec

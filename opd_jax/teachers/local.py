@@ -53,6 +53,8 @@ class TeacherSpec:
   remote_timeout_s: float = 60.0
   remote_retries: int = 3
   remote_concurrency: int = 16
+  cross_tokenizer: bool = False         # another tokenizer: score aligned text (teachers/cross.py)
+  tokenizer: str | None = None          # the teacher's tokenizer (None: model's; remote: needed)
 
   def handles(self, tag: str) -> bool:
     return not self.tags or tag in self.tags
@@ -209,26 +211,33 @@ def _scatter_fn(b: int, mesh, ndims):
 
 def score_teachers(teachers, tokens_BxT, mask_BxT, route_BxJ: np.ndarray, *,
                    host_mask_BxT: np.ndarray | None = None, out_sharding=None,
-                   count: bool = True):
+                   count: bool = True, context=None):
   """Scores the batch with every teacher on its routed rows.
 
   Returns (t_JxBxT logprobs, {teacher: top-k dict or None}) on the student's sharding.
   With `count`, each teacher's `tokens_scored` grows by the real tokens of its routed rows
-  (from `host_mask_BxT` when given, else summed on device).
+  (from `host_mask_BxT` when given, else summed on device); a cross-tokenizer teacher
+  (`counts_own_tokens`, teachers/cross.py) counts its own tokens instead, and gets
+  `context` (a `cross.ScoreContext`: the rows' records and the loss mask).
   In-process teachers are dispatched without waiting (they run concurrently on disjoint
-  devices), remote ones have their HTTP requests in flight together; this waits for the
-  remote answers only. `submit_teachers` is the same without waiting.
+  devices), remote ones have their HTTP requests in flight together, then cross-tokenizer
+  teachers score (they block); this waits for the remote answers only. `submit_teachers` is
+  the same without waiting.
   """
   return submit_teachers(teachers, tokens_BxT, mask_BxT, route_BxJ, host_mask_BxT=host_mask_BxT,
-                         out_sharding=out_sharding, count=count).result()
+                         out_sharding=out_sharding, count=count, context=context).result()
 
 
 class PendingTeachers:
   """Every teacher's scoring of one batch, submitted (`submit_teachers`); `.result()` gives
-  (t_JxBxT, extras) as `score_teachers` does, waiting only for remote answers."""
+  (t_JxBxT, extras) as `score_teachers` does, waiting only for remote answers. `own_lens`:
+  {teacher: [B] its own real tokens per row} of the cross-tokenizer teachers for this batch
+  (what `count_scored` and the FLOP count use: a teacher's `last_seq_lens` may be another
+  batch's by the time a pipelined batch is finished)."""
 
-  def __init__(self, teachers, handles: dict, shape):
+  def __init__(self, teachers, handles: dict, shape, own_lens: dict | None = None):
     self.teachers, self.handles, self.shape = teachers, handles, shape
+    self.own_lens = own_lens or {}
 
   def done(self) -> bool:
     return all(h.done() for h in self.handles.values())
@@ -248,32 +257,52 @@ class PendingTeachers:
       extra[t.name] = {k: v for k, v in o.items() if k != 'logprobs'} or None
     return jnp.stack(logprobs), extra
 
+  def seq_lens(self, name: str, student_lens_B: np.ndarray) -> np.ndarray:
+    """[B] the tokens teacher `name` scored per row: its own for a cross-tokenizer teacher,
+    else the student's `student_lens_B`."""
+    return self.own_lens.get(name, student_lens_B)
+
+  def count_scored(self, mask_BxT, route_BxJ: np.ndarray, *,
+                   host_mask_BxT: np.ndarray | None = None) -> int:
+    """Adds the real tokens of each teacher's routed rows to its `tokens_scored` (a
+    cross-tokenizer teacher's own tokens; otherwise from `host_mask_BxT` when given, else
+    summed on device); returns the total added."""
+    total = 0
+    for j, t in enumerate(self.teachers):
+      rows = np.nonzero(route_BxJ[:, j])[0]
+      if not len(rows):
+        continue
+      if t.name in self.own_lens:
+        n = int(self.own_lens[t.name][rows].sum())
+      else:
+        n = int(host_mask_BxT[rows].sum() if host_mask_BxT is not None
+                else jnp.sum(jnp.take(mask_BxT, jnp.asarray(rows), axis=0)))
+      t.tokens_scored += n
+      total += n
+    return total
+
 
 def submit_teachers(teachers, tokens_BxT, mask_BxT, route_BxJ: np.ndarray, *,
                     host_mask_BxT: np.ndarray | None = None, out_sharding=None,
-                    count: bool = True) -> PendingTeachers:
+                    count: bool = True, context=None) -> PendingTeachers:
   """`score_teachers` without waiting: every teacher's `submit` (in-process ones dispatch
   their device work, remote ones post their requests), no host synchronisation on the
-  results. `.result()` of the returned handle gives score_teachers' value."""
+  results, except for cross-tokenizer teachers, which score after the others are submitted
+  and block (their rows are re-tokenized on the host; teachers/cross.py). `.result()` of the
+  returned handle gives score_teachers' value."""
+  handles, own = {}, {}
+  for j, t in enumerate(teachers):
+    if not getattr(t, 'counts_own_tokens', False):
+      rows = np.nonzero(route_BxJ[:, j])[0]
+      handles[t.name] = t.submit(tokens_BxT, mask_BxT, rows, out_sharding=out_sharding)
+  for j, t in enumerate(teachers):
+    if getattr(t, 'counts_own_tokens', False):
+      rows = np.nonzero(route_BxJ[:, j])[0]
+      out = t.score(tokens_BxT, mask_BxT, rows, out_sharding=out_sharding, context=context)
+      handles[t.name] = Ready(out)
+      own[t.name] = (np.asarray(t.last_seq_lens).copy() if out is not None
+                     else np.zeros(tokens_BxT.shape[0], np.int64))
+  pending = PendingTeachers(teachers, handles, tokens_BxT.shape, own)
   if count:
-    count_scored(teachers, mask_BxT, route_BxJ, host_mask_BxT=host_mask_BxT)
-  handles = {}
-  for j, t in enumerate(teachers):
-    rows = np.nonzero(route_BxJ[:, j])[0]
-    handles[t.name] = t.submit(tokens_BxT, mask_BxT, rows, out_sharding=out_sharding)
-  return PendingTeachers(teachers, handles, tokens_BxT.shape)
-
-
-def count_scored(teachers, mask_BxT, route_BxJ: np.ndarray, *,
-                 host_mask_BxT: np.ndarray | None = None) -> int:
-  """Adds the real tokens of each teacher's routed rows to its `tokens_scored` (from
-  `host_mask_BxT` when given, else summed on device); returns the total added."""
-  total = 0
-  for j, t in enumerate(teachers):
-    rows = np.nonzero(route_BxJ[:, j])[0]
-    if len(rows):
-      n = int(host_mask_BxT[rows].sum() if host_mask_BxT is not None
-              else jnp.sum(jnp.take(mask_BxT, jnp.asarray(rows), axis=0)))
-      t.tokens_scored += n
-      total += n
-  return total
+    pending.count_scored(mask_BxT, route_BxJ, host_mask_BxT=host_mask_BxT)
+  return pending

@@ -9,7 +9,10 @@ student (the first differing token; a remote teacher's server vocabulary); one t
 record per tag through its chat template; the OPD signal, mean |s_b - t| over each teacher's
 response tokens; the student's train-inference gap mean / max |s - s_b| on `--num-prompts`
 rollouts with fp32 and with bf16 compute; for a remote teacher, |t_remote - t_local| against
-`--local-copy NAME=DIR` and the difference of two identical requests. A gap whose mean is
+`--local-copy NAME=DIR` and the difference of two identical requests; for a teacher with
+another tokenizer (cross_tokenizer), the fraction of student tokens aligned one to one,
+split and merged, and against a `--local-copy` with the student's tokenizer (a
+same-tokenizer score) the aligned logprobs' agreement per token and per response. A gap whose mean is
 over 10% of the teacher's signal prints a WARNING line; the exit status is 0, or 1 with
 --strict when anything warned. Single-process only.
 """
@@ -34,6 +37,7 @@ from opd_jax.teachers.remote import tokenizer_fingerprint
 from opd_jax.rollout.engine import rollout_arrays
 from opd_jax.rollout.sampler import Sampler
 from opd_jax.teachers.scoring import map_vocab_chunks
+from opd_jax.teachers.cross import ScoreContext
 from opd_jax.teachers.local import TeacherSpec, route_matrix, score_teachers
 
 WARN_FRACTION = 0.1
@@ -86,6 +90,16 @@ def check_tokenizers(config, tokenizer, mesh, rep: Report) -> list[str]:
 
 
 def _teacher_vocab(spec: TeacherSpec, tokenizer, mesh) -> str:
+  if spec.cross_tokenizer:
+    import transformers
+    path = tiny.resolve_model(spec.tokenizer or spec.model)
+    theirs = transformers.AutoTokenizer.from_pretrained(path)
+    try:
+      data_lib.check_tokenizers_match(tokenizer, theirs, teacher_name=f'teacher {spec.name!r}')
+      same = 'the same tokenizer'
+    except data_lib.VocabMismatchError as e:
+      same = f'another tokenizer, aligned by text (cross_tokenizer=True): {e}'
+    return f'{path}: {len(theirs)} tokens, fingerprint {tokenizer_fingerprint(theirs)}, {same}'
   if spec.remote_url:  # RemoteTeacher checks the server's vocabulary at construction
     t = builder.make_teacher(spec, student_mesh=mesh, student_tokenizer=tokenizer)
     t.close()
@@ -202,7 +216,8 @@ def check(config, *, num_prompts: int = 16, local_copies: dict | None = None,
   rep.line(f'== OPD signal: mean |s_b - t| over response tokens ({num_prompts} rollouts, '
            f'{config.student.compute_dtype} compute, {int(np.sum(lmask))} tokens) ==')
   masks = {t.name: np.asarray(lmask) * route[:, j:j + 1] for j, t in enumerate(r.teachers)}
-  signal = opd_signal(rep, r, tokens, attn, s_b, route, masks)
+  ctx = ScoreContext(records, lmask)
+  signal = opd_signal(rep, r, tokens, attn, s_b, route, masks, ctx)
   rep.line('== student train-inference gap: |s - s_b| over response tokens ==')
   for dtype, (_, _, lm, sb, s) in runs.items():
     diff = np.asarray(s) - np.asarray(sb)
@@ -212,15 +227,58 @@ def check(config, *, num_prompts: int = 16, local_copies: dict | None = None,
       rep.gap(f'{dtype} compute (teacher {t.name!r} rows)', diff,
               np.asarray(lm) * route[:, j:j + 1], signal.get(t.name))
   for t in r.teachers:
+    if getattr(t, 'counts_own_tokens', False):
+      check_alignment(rep, r, t, data.tokenizer, local_copies.get(t.name), tokens, attn,
+                      masks[t.name], signal.get(t.name), ctx)
+      continue
     check_teacher(rep, r, t, data.tokenizer, local_copies.get(t.name), tokens, attn,
                   masks[t.name], signal.get(t.name))
   return rep.warnings
 
 
-def opd_signal(rep, r, tokens, attn, s_b, route, masks) -> dict[str, float]:
+def check_alignment(rep, r, t, tokenizer, local_path, tokens, attn, mask, signal, ctx):
+  """A cross-tokenizer teacher: the fraction of the sample's student tokens aligned one to
+  one, split and merged (docs/design.md §12), and, given a --local-copy with the student's
+  tokenizer (a same-tokenizer score), |t~ - t_same| per token (all, and the exactly aligned
+  one-to-one / split tokens) and per response."""
+  from opd_jax.teachers import align
+  rows = np.nonzero(mask.sum(-1) > 0)[0]
+  if not len(rows):
+    return
+  rep.line(f'== teacher {t.name!r}: alignment to the student\'s tokens (cross_tokenizer) ==')
+  out = t.score(tokens, attn, rows, out_sharding=tokens.sharding, context=ctx)
+  kinds = t.last_kinds
+  total = int((kinds >= 0).sum())
+  rep.line(f'  {total} student tokens of {len(rows)} responses: ' + ', '.join(
+      f'{name} {100 * np.mean(kinds[kinds >= 0] == k):.1f}%'
+      for k, name in enumerate(align.KINDS)) +
+      f'; the teacher read {int(t.last_seq_lens[rows].sum())} tokens for the student\'s '
+      f'{int(np.asarray(attn)[rows].sum())}')
+  if not local_path:
+    rep.line('  (no same-tokenizer score to compare with: --local-copy NAME=DIR with the '
+             "student's tokenizer gives one)")
+    return
+  try:
+    local = make_local_copy(r, t.spec, local_path, tokenizer)
+  except data_lib.VocabMismatchError as e:
+    rep.warn(f'local copy of teacher {t.name!r}: not a same-tokenizer score: {e}')
+    return
+  t_x = np.asarray(out['logprobs'])
+  t_s = np.asarray(local.score(tokens, attn, rows, out_sharding=tokens.sharding)['logprobs'])
+  exact = mask * (kinds >= 0) * (kinds <= 1)
+  rep.gap(f'|t~ - t_same| ({local_path}), all tokens', t_x - t_s, mask, signal)
+  rep.line(f'  |t~ - t_same| on one-to-one / split tokens: mean '
+           f'{np.abs(t_x - t_s)[exact > 0].mean() if exact.sum() else 0.0:.3g} over '
+           f'{int(exact.sum())} tokens')
+  per_row = np.abs(((t_x - t_s) * mask).sum(-1))[rows]
+  rep.line(f'  |sum t~ - sum t_same| per response: mean {per_row.mean():.3g}  max '
+           f'{per_row.max():.3g}')
+
+
+def opd_signal(rep, r, tokens, attn, s_b, route, masks, ctx=None) -> dict[str, float]:
   """{teacher: mean |s_b - t| over its routed response tokens}, scored as the trainer does."""
   t_J, _ = score_teachers(r.teachers, tokens, attn, route, out_sharding=tokens.sharding,
-                          count=False)
+                          count=False, context=ctx)
   signal = {}
   for j, t in enumerate(r.teachers):
     d = np.abs(np.asarray(s_b) - np.asarray(t_J[j]))[masks[t.name] > 0]

@@ -168,12 +168,24 @@ class _RemoteInAot:
 
 def make_teacher(spec: TeacherSpec, *, student_mesh, student_tokenizer=None, top_k: int = 0,
                  temperature: float = 1.0, micro_batches: int = 1, abstract: bool = False,
-                 devices=None, field: str | None = None, with_hidden: bool = False) -> Teacher:
+                 devices=None, field: str | None = None, with_hidden: bool = False,
+                 stop_ids=(), template: str = 'default', tag_to_template=None) -> Teacher:
   """The one constructor of a teacher (or the G-OPD reference) from its spec, so that
   in-process and remote teachers score with the same temperature and top-k. `with_hidden`
   (in-process only): scoring also returns the final hidden states (the exact
-  full-vocabulary options)."""
+  full-vocabulary options).
+
+  `spec.cross_tokenizer` with a tokenizer that differs from the student's: the teacher is
+  wrapped in a `CrossTokenizerTeacher` (teachers/cross.py) that re-tokenizes the student's
+  responses in the teacher's chat template (`template` / `tag_to_template`: data.template's
+  names) and aligns the logprobs to the student's tokens; `stop_ids` are the student's
+  end-of-turn ids. With identical tokenizers and chat templates it is the plain teacher."""
   field = field or f'config.teachers.{spec.name}.model'
+  if spec.cross_tokenizer and not abstract and student_tokenizer is not None:
+    return _cross_teacher(spec, student_mesh=student_mesh, student_tokenizer=student_tokenizer,
+                          top_k=top_k, temperature=temperature, micro_batches=micro_batches,
+                          devices=devices, field=field, with_hidden=with_hidden,
+                          stop_ids=stop_ids, template=template, tag_to_template=tag_to_template)
   if spec.remote_url:
     if abstract:
       return _RemoteInAot(spec)
@@ -199,6 +211,43 @@ def make_teacher(spec: TeacherSpec, *, student_mesh, student_tokenizer=None, top
         teacher_name=f'teacher {spec.name!r} ({spec.model})')
   return LocalTeacher(spec, student_mesh=student_mesh, top_k=top_k, temperature=temperature,
                       micro_batches=micro_batches, with_hidden=with_hidden)
+
+
+def _cross_teacher(spec, *, student_tokenizer, stop_ids, template, tag_to_template, field,
+                   **kw) -> Teacher:
+  import transformers
+  from opd_jax import data as data_lib
+  from opd_jax.teachers.cross import CrossTokenizerTeacher
+  if kw['top_k'] or kw['with_hidden']:
+    raise ConfigError(f'config.teachers.{spec.name}.cross_tokenizer=True: no top-k or '
+                      'full-vocabulary term across vocabularies (unset config.loss.full_vocab)')
+  if not spec.remote_url:
+    spec = dataclasses.replace(spec, model=tiny.resolve_model(spec.model))
+  tok_path = tiny.resolve_model(spec.tokenizer) if spec.tokenizer else spec.model
+  if not tok_path:
+    raise ConfigError(f'config.teachers.{spec.name}.tokenizer: a remote cross-tokenizer '
+                      "teacher needs the served model's tokenizer directory")
+  teacher_tok = transformers.AutoTokenizer.from_pretrained(tok_path)
+  plain = dataclasses.replace(spec, cross_tokenizer=False)
+  try:
+    data_lib.check_tokenizers_match(student_tokenizer, teacher_tok)
+    same = (getattr(student_tokenizer, 'chat_template', None)
+            == getattr(teacher_tok, 'chat_template', None))
+  except data_lib.VocabMismatchError:
+    same = False
+  if same:
+    log.info('teacher %r: cross_tokenizer=True, but its tokenizer and chat template are the '
+             "student's: it scores the student's tokens directly", spec.name)
+    return make_teacher(plain, student_tokenizer=student_tokenizer, field=field, **kw)
+  inner = make_teacher(plain, student_tokenizer=None, field=field, **kw)
+  if spec.remote_url:  # the server holds the teacher's tokenizer: check it against that one
+    inner._check_server(teacher_tok, None)
+  log.info('teacher %r: another tokenizer (%d tokens, student %d): scores re-tokenized text, '
+           'aligned by character offsets (docs/design.md §12)', spec.name, len(teacher_tok),
+           len(student_tokenizer))
+  return CrossTokenizerTeacher(inner, student_tokenizer=student_tokenizer,
+                               teacher_tokenizer=teacher_tok, stop_ids=stop_ids,
+                               template=template, tag_to_template=tag_to_template)
 
 
 def check_reference_tokenizer(config, student_tokenizer) -> None:
@@ -386,12 +435,19 @@ def build_run(config, mesh, *, tokenizer=None, abstract: bool = False, devices=N
   # ----------------------------------------------------------------------- teachers
   specs = teacher_specs(config)
   teachers = []
+  ids = stop_ids(hf, tokenizer, config.rollout.stop_tokens if tokenizer is not None
+                 or not abstract else ())
   for spec in specs:
     if abstract and spec.remote_url:
       notes.append(f'teacher {spec.name!r} is remote ({spec.remote_url}): not compiled here')
+    if abstract and spec.cross_tokenizer:
+      notes.append(f'teacher {spec.name!r} has another tokenizer: compiled at the student\'s '
+                   'sequence length (its own re-tokenized length varies per batch)')
     teachers.append(make_teacher(spec, student_mesh=mesh, student_tokenizer=tokenizer,
                                  top_k=top_k, temperature=temperature, micro_batches=micro,
-                                 abstract=abstract, devices=devices, with_hidden=with_hidden))
+                                 abstract=abstract, devices=devices, with_hidden=with_hidden,
+                                 stop_ids=ids, template=config.data.template,
+                                 tag_to_template=dict(config.data.tag_to_template)))
   teacher_unembed = None
   if with_hidden:
     if int(teachers[0].cfg.vocab_size) != int(cfg.vocab_size):
@@ -411,8 +467,6 @@ def build_run(config, mesh, *, tokenizer=None, abstract: bool = False, devices=N
                              field='config.gopd.reference' if ref != 'student_init'
                              else 'config.student.model')
   # ------------------------------------------------------------------------- steps
-  ids = stop_ids(hf, tokenizer, config.rollout.stop_tokens if tokenizer is not None
-                 or not abstract else ())
   if abstract and config.rollout.stop_tokens and tokenizer is None:
     notes.append('config.rollout.stop_tokens not resolved (no tokenizer): shapes unaffected')
   pad_id = int(tokenizer.pad_token_id or 0) if tokenizer is not None else int(

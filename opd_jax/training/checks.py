@@ -121,6 +121,27 @@ def validate(config, mesh=None) -> None:
         f'and config.teachers.{specs[0].name} is remote ({specs[0].remote_url}), which returns '
         f'only its own top-k logprobs. Use a top-k option ({", ".join(losses.TOPK_OPTIONS)}) '
         'or an in-process teacher (model=...)')
+  for s in specs:
+    if not s.cross_tokenizer:
+      continue
+    where = f'config.teachers.{s.name}.cross_tokenizer=True'
+    if config.loss.full_vocab:
+      raise ConfigError(
+          f'config.loss.full_vocab={config.loss.full_vocab!r} with {where}: full-vocabulary '
+          'and top-k distillation terms compare the two distributions id by id, and this '
+          "teacher's vocabulary is not the student's (no ULD-style term is implemented; "
+          'top-k terms would be defined only on one-to-one tokens). Unset loss.full_vocab: '
+          'the sampled-token OPD term is aligned by text (docs/design.md §12)')
+    if config.agent.tag_to_env:
+      raise ConfigError(f'{where} with config.agent.tag_to_env: multi-turn episodes are not '
+                        'supported with a cross-tokenizer teacher (single-turn responses only)')
+    if config.mode == 'sft' and config.sft.source == 'teacher':
+      raise ConfigError(f"{where} with config.sft.source='teacher': the teacher's samples "
+                        "are in its own vocabulary; use sft.source='dataset'")
+    if s.remote_url and not s.tokenizer:
+      raise ConfigError(f'{where} with a remote teacher needs config.teachers.{s.name}.'
+                        "tokenizer: a directory with the served model's tokenizer (the "
+                        'client re-tokenizes the responses for it)')
   if config.mode == 'sft' and config.sft.source == 'teacher' and (
       not specs or any(s.remote_url for s in specs)):
     raise ConfigError("config.sft.source='teacher' needs in-process teachers (config.teachers "
@@ -228,6 +249,12 @@ def _flatten(d, prefix=''):
   return out
 
 
+# Fields added after runs may have started, with the default that keeps such a run's
+# behaviour: a workdir whose config.json lacks them resumes as long as they hold it.
+ADDED_FIELD_DEFAULTS = {'teachers.*.cross_tokenizer': False, 'teachers.*.tokenizer': None,
+                        'rollout.max_staleness': 0, 'loss.tis_cap': None}
+
+
 def check_resume(config, workdir: str, *, resuming: bool) -> None:
   """Writes the resolved config to workdir/config.json; when resuming, first compares it with
   the one written there and stops, listing the fields, on a change that alters the objective
@@ -238,6 +265,10 @@ def check_resume(config, workdir: str, *, resuming: bool) -> None:
     with open(path) as f:
       before = json.load(f)
     a, b = _flatten(before), _flatten(now)
+    for k, v in b.items():  # a field added since that run, at its default: unchanged
+      if k not in a and any(fnmatch.fnmatchcase(k, f) and v == d
+                            for f, d in ADDED_FIELD_DEFAULTS.items()):
+        a[k] = v
     changed = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and not any(
         fnmatch.fnmatchcase(k, f) for f in RESUMABLE_FIELDS))
     if changed:

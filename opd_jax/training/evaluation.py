@@ -127,8 +127,17 @@ def evaluate(*, step: int, key, student_params, sampler, encoder, tokenizer,
                     jax.random.fold_in(jax.random.fold_in(key, 10**6), idx[0]), sp)
       tokens, attn, lmask, s_b = rollout_arrays(out)
       rows_per_process = tokens.shape[0] // jax.process_count()
+      kw = {}
+      if any(getattr(t, 'counts_own_tokens', False) for t in teachers):
+        # a cross-tokenizer teacher renders the records in its own chat template
+        if jax.process_count() > 1:
+          raise NotImplementedError('held-out reverse KL of a cross-tokenizer teacher on '
+                                    'several processes (set eval.reverse_kl=False)')
+        kw['records'] = [records[i] for i in idx]
+        kw['records'] += kw['records'][:1] * (tokens.shape[0] - len(idx))
       kl_sum, cnt = kl_fn(tokens, attn, lmask, s_b,
-                          _global_tags([tags[i] for i in idx], rows_per_process, tag_vocab))
+                          _global_tags([tags[i] for i in idx], rows_per_process, tag_vocab),
+                          **kw)
       for j, t in enumerate(teachers):
         sums[t.name] += float(kl_sum[j].sum())
         counts[t.name] += float(cnt[j].sum())

@@ -127,3 +127,19 @@ def test_divergences_quick_pipeline_runs(tmp_path, capsys):
   for f in ('results.md', 'results.json', 'divergences.png'):
     assert os.path.exists(tmp_path / f), f
   assert set(summary['rows']) == set(dv.METHODS) and set(dv.METHODS) <= set(summary['grad'])
+
+
+@pytest.mark.e2e
+def test_cross_tokenizer_quick_pipeline_runs(tmp_path, capsys):
+  from opd_jax.experiments import cross_tokenizer as xt
+  summary = xt.run_experiment(str(tmp_path), seed=0, quick=True)
+  out = capsys.readouterr().out.rstrip().splitlines()
+  assert any(line.startswith('| student after OPD, cross-tokenizer teacher') for line in out[-7:])
+  for f in ('results.md', 'results.json', 'cross_tokenizer.png'):
+    assert os.path.exists(tmp_path / f), f
+  assert set(summary['rows']) == {k for k, _ in xt.ROWS}
+  # the BPE teacher really has another tokenizer (trained on the task's text)
+  import transformers
+  tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / 'teacher_bpe' / 'export'))
+  assert len(tok) <= xt.BPE_VOCAB and tok.tokenize("#### 583") == ["####", "Ġ", "5", "8", "3"]
+  xt.aggregate([str(tmp_path), str(tmp_path)], str(tmp_path / 'agg'))

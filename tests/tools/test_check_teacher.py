@@ -129,3 +129,23 @@ def test_remote_teacher_against_local_copies(server, tmp_path):
   text, warnings = _check(config, num_prompts=8, local_copies={'teacher': other})
   assert len(warnings) == 1 and warnings[0].startswith(f'|t - t_local| ({other})'), text
   assert 'of the OPD signal' in warnings[0]
+
+
+def test_cross_tokenizer_teacher_reports_its_alignment():
+  # The runlocal recipe's char-level student and BPE teacher: the tokenizer line says
+  # "another tokenizer" without warning, the alignment fractions of the sample add up to
+  # 100%, and a same-tokenizer copy (the char-level tiny teacher) gives the agreement lines.
+  config = with_overrides(load_config('opd_cross_tokenizer', 'runlocal'), **SHORT)
+  text, _ = _check(config, num_prompts=8, local_copies={'teacher': resolve_model(TINY_TEACHER)})
+  assert 'another tokenizer, aligned by text' in text and 'MISMATCH' not in text, text
+  m = re.search(r"alignment to the student's tokens.*\n  (\d+) student tokens of 8 responses: "
+                r'one_to_one (\S+)%, split (\S+)%, merged (\S+)%; the teacher read (\d+) '
+                r"tokens for the student's (\d+)", text)
+  assert m, text
+  assert sum(float(m[i]) for i in (2, 3, 4)) == pytest.approx(100, abs=0.2)
+  # every response token of the OPD-signal line is classified (random samples here: mostly
+  # one to one; a special token written inside a response is split into teacher tokens)
+  assert re.search(rf"teacher 'teacher': \S+ over {m[1]} tokens", text), text
+  assert int(m[5]) != int(m[6])
+  assert re.search(r'\|t~ - t_same\| \(.*\), all tokens: mean \S+', text), text
+  assert re.search(r'\|sum t~ - sum t_same\| per response: mean \S+', text), text
