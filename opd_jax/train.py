@@ -364,7 +364,8 @@ def opd_batch(loop: Loop, state, key) -> tuple[UpdateBatch, dict]:
   # --------------------------------------------------------------------- advantages
   adv, kl_sum, kl_cnt = token_adv.advantages(
       s_b, t_JxBxT, ref, r.coef_J, jnp.asarray(route), lmask, outcome, mode=r.adv_mode,
-      clamp=c.loss.kl_clamp, reward_scale=c.gopd.reward_scale)
+      clamp=c.loss.kl_clamp, reward_scale=c.gopd.reward_scale,
+      constant=c.rl.constant_advantage)
   batch = UpdateBatch(tokens, attn, lmask, behaviour_logprobs=s_b, advantages=adv)
   if c.loss.full_vocab:
     batch = dataclasses.replace(batch, **full_vocab_fields(
