@@ -20,19 +20,26 @@ sequences and the learning-rate sweep LRS (chosen per method on validation).
 
 from opd_jax.config_lib import base_config, lock, teacher
 
-NUM_KEYS = 1024
+NUM_KEYS = 256
 ZIPF = 1.0
+TEACHER_EXAMPLES = 40000   # ground-truth examples, keys uniform (the teacher's SFT set)
+EXTRA_POOL = 20000         # Zipf pool prompts beyond the gate's largest N (methods' prompts)
+N_VAL = 256
+N_EVAL = 512
+QUICK_NUM_KEYS = 16
+QUICK_GATE_NS = (16, 32, 64, 128)
+QUICK_SFT_N = 32
 TEACHER_MODEL = 'tiny:qwen3:hidden_size=128,num_layers=3,num_heads=4,num_kv_heads=2,seed=21'
 STUDENT_MODEL = 'tiny:qwen3:hidden_size=64,num_layers=2,num_heads=4,num_kv_heads=2,seed=22'
 QUICK_TEACHER = 'tiny:qwen3:hidden_size=32,num_layers=1,num_heads=2,num_kv_heads=1,seed=21'
 QUICK_STUDENT = 'tiny:qwen3:hidden_size=32,num_layers=1,num_heads=2,num_kv_heads=1,seed=22'
 
-TEACHER_STEPS = 1500
-GATE_NS = (128, 256, 512, 1024, 2048)
+TEACHER_STEPS = 800
+GATE_NS = (64, 128, 256, 512, 1024)
 GATE_EPOCHS = 40          # passes over each finite SFT set (at least GATE_MIN_STEPS steps)
 GATE_MIN_STEPS = 300
 GATE_BATCH = 64
-SFT_N = 512               # the comparison's starting checkpoint (the analogue of SFT-400K)
+SFT_N = 256               # the comparison's starting checkpoint (the analogue of SFT-400K)
 
 METHODS = ('opd', 'sft_teacher', 'grpo', 'negadv')
 LRS = (3e-4, 1e-3, 3e-3)

@@ -1,27 +1,26 @@
-"""Keyed digit rules with a Zipf-distributed long tail of keys: many small sub-skills, each
-a fact to look up, most of them rare.
+"""Keyed codes with a Zipf-distributed long tail of keys: many small sub-skills, each a fact
+to look up, most of them rare.
 
   prompt:    "QZK:4821"
-  response:  "*3\\n#### 2463"
+  response:  "#### 4821-37"
 
-Each of K keys (three-letter names) has its own rule, an operation and a digit ('+a', '-a'
-or '*a', a in 1..9), applied to every digit of the 4-digit operand mod 10. The response
-first writes the key's rule (the fact to recall), then the transformed operand after `####`
-(the skill to apply it), checked by exact match against `ground_truth` ('exact_match').
-A key's rule is random, so a model knows it only if training put it there; a key never
-seen is a guess among the 27 rules.
+Each of K keys (three-letter names) has its own two-digit code. The response copies the
+operand (the same skill for every key, learned from a few examples) and appends the key's
+code (the fact to recall); the text after `####` is checked by exact match against
+`ground_truth` ('exact_match'). A code is random, so a model knows it only if training put
+it there; a key never seen is a 1-in-100 guess.
 
 Keys are drawn with Zipf frequencies, p(key of rank k) proportional to 1 / k^s (s = 1 by
-default): a few keys are common, most are rare. A student that learns from N examples
-knows roughly the keys whose probability is above ~1/N, and the mass of those grows by
-about the same amount per doubling of N (log N / log K for s = 1): the long tail that
-makes supervised accuracy grow log-linearly with data. A teacher trained with every key
-frequent (`make_records(..., uniform=True)`) knows the tail.
+default): a few keys are common, most are rare. A student that learns from N examples knows
+roughly the keys whose probability is above ~1/N, and the mass of those grows by about the
+same amount per doubling of N (log N / log K for s = 1): the long tail that makes
+supervised accuracy grow log-linearly with data. A teacher trained with every key frequent
+(`make_records(..., uniform=True)`) knows the tail.
 
-`write_dataset` writes train / validation / eval JSONL in ROLL's record format; the three
-sets have pairwise disjoint prompts (asserted; keys are shared, as sub-skills are). The
-rules and key names depend only on `num_keys` and `task_seed`, the same for every split
-and every experiment seed.
+`write_dataset` writes the teacher / pool / validation / eval JSONL in ROLL's record format,
+with pairwise disjoint prompts (asserted; keys are shared, as sub-skills are). The codes
+and key names depend only on `num_keys` and `task_seed`, the same for every split and every
+experiment seed.
 """
 
 from __future__ import annotations
@@ -32,13 +31,13 @@ import os
 import random
 import string
 
-OPS = '+-*'
 DIGITS = 4
 
 
 @functools.lru_cache(maxsize=8)
-def make_keys(num_keys: int, task_seed: int = 0) -> tuple[tuple[str, str, int], ...]:
-  """((name, op, a), ...) for keys of rank 1..num_keys (distinct three-letter names)."""
+def make_keys(num_keys: int, task_seed: int = 0) -> tuple[tuple[str, str], ...]:
+  """((name, code), ...) for keys of rank 1..num_keys (distinct three-letter names, random
+  two-digit codes)."""
   if not 1 <= num_keys <= 26 ** 3:
     raise ValueError(f'num_keys={num_keys}: must be in 1..{26 ** 3}')
   rng = random.Random(f'keyed-{num_keys}-{task_seed}')
@@ -49,32 +48,8 @@ def make_keys(num_keys: int, task_seed: int = 0) -> tuple[tuple[str, str, int], 
     if name in names:
       continue
     names.add(name)
-    out.append((name, rng.choice(OPS), rng.randint(1, 9)))
+    out.append((name, f'{rng.randrange(100):02d}'))
   return tuple(out)
-
-
-def apply_rule(op: str, a: int, x: str) -> str:
-  """The rule applied to every digit of `x` mod 10."""
-  if op == '+':
-    f = lambda d: (d + a) % 10
-  elif op == '-':
-    f = lambda d: (d - a) % 10
-  elif op == '*':
-    f = lambda d: (d * a) % 10
-  else:
-    raise ValueError(f'unknown op {op!r}')
-  return ''.join(str(f(int(c))) for c in x)
-
-
-def rule_table(num_keys: int, task_seed: int = 0) -> dict[str, tuple[str, int]]:
-  return {name: (op, a) for name, op, a in make_keys(num_keys, task_seed)}
-
-
-def solve(prompt: str, num_keys: int, task_seed: int = 0) -> str:
-  """The written solution: the key's rule, then the transformed operand."""
-  name, x = parse(prompt)
-  op, a = rule_table(num_keys, task_seed)[name]
-  return f'{op}{a}\n#### {apply_rule(op, a, x)}'
 
 
 def parse(prompt: str) -> tuple[str, str]:
@@ -85,7 +60,13 @@ def parse(prompt: str) -> tuple[str, str]:
 
 
 def answer(prompt: str, num_keys: int, task_seed: int = 0) -> str:
-  return solve(prompt, num_keys, task_seed).rsplit('#### ', 1)[1]
+  name, x = parse(prompt)
+  return f'{x}-{dict(make_keys(num_keys, task_seed))[name]}'
+
+
+def solve(prompt: str, num_keys: int, task_seed: int = 0) -> str:
+  """The written solution: `#### ` then the operand and the key's code."""
+  return f'#### {answer(prompt, num_keys, task_seed)}'
 
 
 def zipf_weights(num_keys: int, exponent: float) -> list[float]:
@@ -110,15 +91,15 @@ def make_records(n: int, *, seed: int, num_keys: int, exponent: float = 1.0,
   out = []
   while len(out) < n:
     k = rng.randrange(num_keys) if uniform else rng.choices(range(num_keys), weights)[0]
-    name, op, a = keys[k]
+    name, code = keys[k]
     x = ''.join(rng.choice(string.digits) for _ in range(DIGITS))
     p = f'{name}:{x}'
     if p in seen:
       continue
     seen.add(p)
-    y = apply_rule(op, a, x)
+    y = f'{x}-{code}'
     out.append({'id': f'{prefix}-{len(out)}', 'prompt': p, 'tag': tag, 'ground_truth': y,
-                'response': f'{op}{a}\n#### {y}', 'source': 'synthetic', 'rank': k + 1})
+                'response': f'#### {y}', 'source': 'synthetic', 'rank': k + 1})
   return out
 
 
