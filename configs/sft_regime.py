@@ -36,8 +36,8 @@ QUICK_STUDENT = 'tiny:qwen3:hidden_size=32,num_layers=1,num_heads=2,num_kv_heads
 
 TEACHER_STEPS = 800
 GATE_NS = (64, 128, 256, 512, 1024)
-GATE_EPOCHS = 40          # passes over each finite SFT set (at least GATE_MIN_STEPS steps)
-GATE_MIN_STEPS = 300
+GATE_EPOCHS = 60          # passes over each finite SFT set (at least GATE_MIN_STEPS steps)
+GATE_MIN_STEPS = 400
 GATE_BATCH = 64
 SFT_N = 256               # the comparison's starting checkpoint (the analogue of SFT-400K)
 
@@ -47,7 +47,7 @@ QUICK_LRS = (1e-3,)
 ROWS_PER_STEP = 64        # training sequences per step, every method
 GROUP = 4                 # GRPO samples per prompt
 METHOD_STEPS = 150
-EVAL_EVERY = 25
+EVAL_EVERY = 30
 
 
 def get_config(arg='opd'):

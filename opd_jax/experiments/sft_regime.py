@@ -459,10 +459,14 @@ def run_experiment(workdir: str, *, seed: int = 0, quick: bool = False,
   enable_compile_cache(workdir)
   paths = write_data(os.path.join(workdir, 'data'), rc, quick=quick)
   stages, walls = {}, {}
-  if teacher:  # a teacher stage of another workdir (its result.json and export)
-    with open(os.path.join(teacher, 'result.json')) as f:
-      stages['teacher'] = json.load(f)
-    paths['teacher_export'] = os.path.join(teacher, 'export')
+  if teacher:  # a teacher trained elsewhere (an HF directory): evaluated here, unchanged
+    c = stage_config(rc, 'teacher', paths, seed=seed, quick=quick, lr=0.0)
+    c.unlock()
+    c.student.model = teacher
+    c.total_steps, c.optim.warmup_steps, c.export.hf_dir = 1, 0, ''
+    c.lock()
+    stages['teacher'] = run_stage('teacher_eval', c, workdir)
+    paths['teacher_export'] = teacher
   else:
     stages['teacher'] = run_stage('teacher', stage_config(rc, 'teacher', paths, seed=seed,
                                                           quick=quick), workdir,
@@ -552,8 +556,9 @@ def main(argv=None):
   parser.add_argument('--gate-only', action='store_true',
                       help='stop after the gate (teacher, samples, SFT-vs-N curve)')
   parser.add_argument('--teacher', default=None,
-                      help="reuse another workdir's teacher stage directory (result.json + "
-                           'export) instead of training one')
+                      help='an exported teacher (HF directory, e.g. another seed\'s '
+                           'WORKDIR/teacher/export) instead of training one; it is only '
+                           'evaluated here (one step at lr 0)')
   parser.add_argument('--methods', nargs='+', default=None)
   parser.add_argument('--aggregate', nargs='+', metavar='WORKDIR')
   args = parser.parse_args(argv)
