@@ -334,6 +334,10 @@ def summarize(stages, gate, rc, lrs, methods, start_n, gen, quick) -> dict:
         row[f'ratio_lb_{acct}'] = row[f'total_flops_{acct}'] / opd
       else:
         row[f'ratio_{acct}'] = None
+        if f is not None and m != 'opd':  # OPD never reached it: an upper bound
+          opd_total = rows['opd'][f'total_flops_{acct}'] if 'opd' in rows else None
+          if opd_total:
+            row[f'ratio_ub_{acct}'] = f / opd_total
   return {'teacher_accuracy': teacher_acc, 'start_accuracy': start_acc, 'target': target,
           'start_n': start_n, 'extrapolation': extra, 'rows': rows, 'ratios': ratios}
 
@@ -343,6 +347,8 @@ def _ratio_txt(row, acct):
     return f'{row[f"ratio_{acct}"]:.2f}x'
   if row.get(f'ratio_lb_{acct}') is not None:
     return f'> {row[f"ratio_lb_{acct}"]:.2f}x'
+  if row.get(f'ratio_ub_{acct}') is not None:
+    return f'< {row[f"ratio_ub_{acct}"]:.2f}x'
   return '—'
 
 

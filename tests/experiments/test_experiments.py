@@ -198,3 +198,35 @@ def test_sft_regime_quick_pipeline(tmp_path, capsys):
   assert 'reused' in capsys.readouterr().out
   assert again['gate']['accuracy'] == out['gate']['accuracy']
   sr.aggregate([str(tmp_path), str(tmp_path)], str(tmp_path / 'agg'))
+
+
+def test_regime_ratio_bounds_when_opd_misses_the_target():
+  """summarize: OPD never reaches the target, so a method that does gets an upper bound on
+  its ratio (its FLOPs to target over OPD's whole run), one that misses too gets none; the
+  data-free accounting leaves teacher sampling out."""
+  from opd_jax.experiments import sft_regime as sr
+
+  def run(accs, flops, sampling=None):
+    h = {'compute/flops/total': [[s, f] for s, f in zip((10, 20), flops)],
+         'eval/accuracy/keyed': [[s, a] for s, a in zip((0, 10, 20), accs)],
+         'eval/accuracy/val': [[s, a] for s, a in zip((0, 10, 20), accs)]}
+    if sampling:
+      h['compute/flops/teacher_sampling'] = [[s, f] for s, f in zip((10, 20), sampling)]
+    return {'history': h, 'final': {'eval/accuracy/keyed': accs[-1],
+                                    'eval/accuracy/val': accs[-1]}, 'wall_s': 1.0}
+
+  stages = {'teacher': {'final': {'eval/accuracy/keyed': 1.0}},
+            'opd_lr0.001': run([0.6, 0.6, 0.6], [40.0, 80.0]),
+            'sft_teacher_lr0.001': run([0.6, 0.7, 0.9], [20.0, 40.0], sampling=[10.0, 20.0]),
+            'grpo_lr0.001': run([0.6, 0.5, 0.6], [10.0, 20.0])}
+  gate = {'points': [{'n': 256, 'accuracy': 0.6, 'steps': 400, 'flops': 1.0}]}
+  s = sr.summarize(stages, gate, sr.recipe(), (1e-3,), ('opd', 'sft_teacher', 'grpo'), 256,
+                   {'flops_per_example': 1.0}, quick=True)
+  assert s['target'] == pytest.approx(0.8)
+  sft = s['rows']['sft_teacher']
+  # 0.8 is halfway between steps 10 and 20: FLOPs 30 counted, 15 with sampling left out
+  assert sft['flops_to_target_teacher_counted'] == pytest.approx(30.0)
+  assert sft['flops_to_target_data_free'] == pytest.approx(15.0)
+  assert sr._ratio_txt(sft, 'teacher_counted') == '< 0.38x'  # 30 / 80
+  assert sr._ratio_txt(sft, 'data_free') == '< 0.19x'        # 15 / 80
+  assert sr._ratio_txt(s['rows']['grpo'], 'data_free') == '—'
