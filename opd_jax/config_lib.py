@@ -119,6 +119,9 @@ def base_config() -> ConfigDict:
       normalize_std=True,        # GRPO only: False is Dr. GRPO
       tag_to_reward=ConfigDict(),        # tag -> reward name (opd_jax.rewards.REWARDS)
       default_reward=placeholder(str),
+      # the control of docs/results.md: this advantage on every sampled response token in
+      # place of the teachers' term (no teacher needed); None: off
+      constant_advantage=placeholder(float),
   ))
 
   c.optim = ConfigDict(dict(

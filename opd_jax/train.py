@@ -514,7 +514,8 @@ def finish_batch(loop: Loop, sampled: Sampled, scoring: Scoring) -> tuple[Update
   # --------------------------------------------------------------------- advantages
   adv, kl_sum, kl_cnt = token_adv.advantages(
       s_b, t_JxBxT, ref, r.coef_J, jnp.asarray(route), lmask, outcome, mode=r.adv_mode,
-      clamp=c.loss.kl_clamp, reward_scale=c.gopd.reward_scale)
+      clamp=c.loss.kl_clamp, reward_scale=c.gopd.reward_scale,
+      constant=c.rl.constant_advantage)
   batch = UpdateBatch(tokens, attn, lmask, behaviour_logprobs=s_b, advantages=adv)
   if c.loss.full_vocab:
     batch = dataclasses.replace(batch, **full_vocab_fields(

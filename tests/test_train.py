@@ -286,6 +286,12 @@ def test_config_errors_before_any_model_loads(tmp_path):
       (dict(rollout__temperature=0.0), r'config.rollout.temperature=0.0: must be > 0'),
       (dict(rollout__top_p=0.0), r'config.rollout.top_k=0 / top_p=0.0'),
       (dict(loss__kl_estimator='k3'), r"config.loss.kl_estimator='k3': only k1"),
+      (dict(rl__constant_advantage=-1.0), r"config.rl.constant_advantage=-1.0 replaces the "
+                                          r"teachers' KL term"),
+      (dict(rl__constant_advantage=-1.0, rl__use_opd=False, gopd__enabled=True),
+       r'config.rl.constant_advantage=-1.0 and config.gopd.enabled'),
+      (dict(rl__constant_advantage=-1.0, mode='sft'),
+       r"config.rl.constant_advantage=-1.0 applies to config.mode=opd"),
   ]
   for overrides, pattern in cases:
     config = with_overrides(load_config('opd_single_teacher', 'runlocal'), **overrides)

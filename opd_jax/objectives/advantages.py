@@ -15,14 +15,16 @@ import jax.numpy as jnp
 from opd_jax.objectives import losses
 
 
-@functools.partial(jax.jit, static_argnames=('mode', 'estimator', 'clamp', 'reward_scale'))
+@functools.partial(jax.jit, static_argnames=('mode', 'estimator', 'clamp', 'reward_scale',
+                                             'constant'))
 def advantages(s_b_BxT, t_JxBxT, r_BxT, kl_coef_J, route_BxJ, loss_mask_BxT, outcome_B, *,
                mode: str, estimator: str = 'k1', clamp: float | None = None,
-               reward_scale: float = 1.0):
+               reward_scale: float = 1.0, constant: float | None = None):
   """Per-token advantages and the k1 reverse-KL bookkeeping for metrics.
 
-  mode: 'opd' (−Σ c route KL), 'gopd' (λ(t − r) − (s_b − r) per routed teacher), or 'none'
-  (no teacher term); `outcome_B` (or None) adds an outcome-reward advantage (mixed / RL).
+  mode: 'opd' (−Σ c route KL), 'gopd' (λ(t − r) − (s_b − r) per routed teacher), 'none'
+  (no teacher term) or 'constant' (the control: `constant` on every response token, no
+  teacher term); `outcome_B` (or None) adds an outcome-reward advantage (mixed / RL).
   Returns (adv [B, T] zero off the loss mask, kl_sum [J, B], kl_count [J, B]): per teacher
   and row, the sum of k1 KL (s_b − t) over routed response tokens and their number.
   """
@@ -34,6 +36,10 @@ def advantages(s_b_BxT, t_JxBxT, r_BxT, kl_coef_J, route_BxJ, loss_mask_BxT, out
     adv, _ = losses.gopd_advantage(s_b_BxT, t_JxBxT, r_BxT, kl_coef_J, route_BxJ, reward_scale)
   elif mode == 'none':
     adv = jnp.zeros_like(s_b_BxT)
+  elif mode == 'constant':
+    if constant is None:
+      raise ValueError("advantage mode 'constant' needs `constant` (a float)")
+    adv = jnp.full_like(s_b_BxT, float(constant))
   else:
     raise ValueError(f'unknown advantage mode {mode!r}')
   if outcome_B is not None:

@@ -311,6 +311,8 @@ class Run:
 
   @property
   def adv_mode(self) -> str:
+    if self.config.rl.constant_advantage is not None:
+      return 'constant'
     use_opd = self.config.mode == 'opd' and bool(self.teachers) and self.config.rl.use_opd
     if not use_opd:
       return 'none'

@@ -39,9 +39,24 @@ def validate(config, mesh=None) -> None:
   if config.mode not in ('opd', 'sft'):
     raise ConfigError(f"config.mode={config.mode!r}; expected 'opd' or 'sft'")
   has_reward = bool(config.rl.tag_to_reward) or bool(config.rl.default_reward)
-  if config.mode == 'opd' and not config.teachers and not config.rl.estimator:
-    raise ConfigError('config.mode=opd needs a teacher (config.teachers) or an outcome-reward '
-                      'estimator (config.rl.estimator)')
+  const = config.rl.constant_advantage
+  if (config.mode == 'opd' and not config.teachers and not config.rl.estimator
+      and const is None):
+    raise ConfigError('config.mode=opd needs a teacher (config.teachers), an outcome-reward '
+                      'estimator (config.rl.estimator) or config.rl.constant_advantage')
+  if const is not None:
+    if config.mode != 'opd':
+      raise ConfigError(f'config.rl.constant_advantage={const} applies to config.mode=opd '
+                        f'(rollouts), not {config.mode!r}')
+    if config.teachers and config.rl.use_opd:
+      raise ConfigError(f'config.rl.constant_advantage={const} replaces the teachers\' KL '
+                        'term: set config.rl.use_opd=False or remove config.teachers')
+    if config.gopd.enabled:
+      raise ConfigError(f'config.rl.constant_advantage={const} and config.gopd.enabled '
+                        'both define the token advantage; enable one')
+    if config.loss.full_vocab:
+      raise ConfigError(f'config.rl.constant_advantage={const} is the no-teacher control; '
+                        'config.loss.full_vocab needs a teacher')
   if config.rl.estimator:
     if config.rl.estimator not in adv_lib.ESTIMATORS:
       raise ConfigError(f'config.rl.estimator={config.rl.estimator!r}; known: '

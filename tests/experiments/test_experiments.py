@@ -143,3 +143,106 @@ def test_cross_tokenizer_quick_pipeline_runs(tmp_path, capsys):
   tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / 'teacher_bpe' / 'export'))
   assert len(tok) <= xt.BPE_VOCAB and tok.tokenize("#### 583") == ["####", "Ġ", "5", "8", "3"]
   xt.aggregate([str(tmp_path), str(tmp_path)], str(tmp_path / 'agg'))
+
+
+def test_keyed_task_splits_and_zipf(tmp_path):
+  from opd_jax.tasks import keyed
+  from opd_jax.rewards.exact import exact_match_reward
+  keys = dict(keyed.make_keys(50))
+  name = next(iter(keys))
+  assert keyed.solve(f'{name}:0123', 50) == f'#### 0123-{keys[name]}'
+  assert keyed.make_keys(50) == keyed.make_keys(50)  # the same rules for every split
+  w = keyed.zipf_weights(50, 1.0)
+  assert abs(sum(w) - 1) < 1e-12 and w[0] / w[9] == pytest.approx(10.0)
+  paths = keyed.write_dataset(str(tmp_path), num_keys=50, n_teacher=400, n_pool=300, n_val=40,
+                              n_eval=40)
+  sets = {}
+  for split in ('teacher', 'pool', 'val', 'eval'):
+    recs = keyed.read_jsonl(paths[split])
+    sets[split] = {r['prompt'] for r in recs}
+    for r in recs:
+      assert r['response'] == keyed.solve(r['prompt'], 50)
+      assert exact_match_reward(r['response'], r) == 1.0
+    assert exact_match_reward('#### 0000-00', recs[0]) == float(recs[0]['ground_truth']
+                                                                == '0000-00')
+  names = list(sets)
+  for i, a in enumerate(names):
+    for b in names[i + 1:]:
+      assert not sets[a] & sets[b], (a, b)
+  # Zipf: the rank-1 key is far more frequent in the pool than in the uniform teacher set
+  pool = keyed.read_jsonl(paths['pool'])
+  assert sum(r['rank'] == 1 for r in pool) > 5 * len(pool) / 50
+
+
+def test_regime_gate_check_and_fit():
+  from opd_jax.experiments import sft_regime as sr
+  ns = [128, 256, 512, 1024, 2048]
+  a, b, r2 = sr.fit_loglinear(ns, [0.1 + 0.05 * k for k in range(5)])
+  assert b == pytest.approx(0.05) and a == pytest.approx(0.1 - 0.05 * 7) and r2 == pytest.approx(1)
+  g = sr.gate_check(ns, [0.3, 0.38, 0.46, 0.55, 0.62], teacher_acc=0.95)
+  assert g['passed'] and g['window']['doublings'] == 4
+  # a plateau then a jump is not log-linear; a curve that reaches the teacher fails the gap
+  assert not sr.gate_check(ns, [0.0, 0.0, 0.0, 0.9, 0.95], 0.95)['passed']
+  assert not sr.gate_check(ns, [0.5, 0.6, 0.7, 0.8, 0.9], 0.95)['passed']
+  cv = [(0.0, 0.2, 0), (10.0, 0.4, 1), (20.0, 0.8, 2)]
+  assert sr.flops_to_reach(cv, 0.6) == pytest.approx(15.0)
+  assert sr.flops_to_reach(cv, 0.9) is None
+
+
+@pytest.mark.e2e
+def test_sft_regime_quick_pipeline(tmp_path, capsys):
+  """Every stage of the OPD-vs-SFT regime experiment runs (pipeline only, no result)."""
+  from opd_jax.experiments import sft_regime as sr
+  out = sr.run_experiment(str(tmp_path), seed=0, quick=True)
+  text = capsys.readouterr().out
+  assert 'GATE ' in text
+  for f in ('gate.md', 'gate.json', 'gate.png', 'results.md', 'results.json',
+            'accuracy_vs_flops.png'):
+    assert os.path.exists(tmp_path / f), f
+  s = out['summary']
+  assert set(s['rows']) == {'opd', 'sft_teacher', 'grpo', 'negadv'}
+  with open(tmp_path / 'negadv_lr0.001' / 'result.json') as f:
+    hist = json.load(f)['history']
+  phases = {k for k in hist if k.startswith('compute/flops/')}
+  assert not any(k.startswith('compute/flops/scoring') for k in phases)  # no teacher
+  with open(tmp_path / 'sft_teacher_lr0.001' / 'result.json') as f:
+    hist = json.load(f)['history']
+  assert hist['compute/flops/teacher_sampling'][-1][1] > 0
+  samples = [json.loads(x) for x in open(tmp_path / 'samples' / 'sft_samples.jsonl')]
+  assert len(samples) == max(sr.recipe().QUICK_GATE_NS)
+  again = sr.run_experiment(str(tmp_path), seed=0, quick=True)  # reuses every stage
+  assert 'reused' in capsys.readouterr().out
+  assert again['gate']['accuracy'] == out['gate']['accuracy']
+  sr.aggregate([str(tmp_path), str(tmp_path)], str(tmp_path / 'agg'))
+
+
+def test_regime_ratio_bounds_when_opd_misses_the_target():
+  """summarize: OPD never reaches the target, so a method that does gets an upper bound on
+  its ratio (its FLOPs to target over OPD's whole run), one that misses too gets none; the
+  data-free accounting leaves teacher sampling out."""
+  from opd_jax.experiments import sft_regime as sr
+
+  def run(accs, flops, sampling=None):
+    h = {'compute/flops/total': [[s, f] for s, f in zip((10, 20), flops)],
+         'eval/accuracy/keyed': [[s, a] for s, a in zip((0, 10, 20), accs)],
+         'eval/accuracy/val': [[s, a] for s, a in zip((0, 10, 20), accs)]}
+    if sampling:
+      h['compute/flops/teacher_sampling'] = [[s, f] for s, f in zip((10, 20), sampling)]
+    return {'history': h, 'final': {'eval/accuracy/keyed': accs[-1],
+                                    'eval/accuracy/val': accs[-1]}, 'wall_s': 1.0}
+
+  stages = {'teacher': {'final': {'eval/accuracy/keyed': 1.0}},
+            'opd_lr0.001': run([0.6, 0.6, 0.6], [40.0, 80.0]),
+            'sft_teacher_lr0.001': run([0.6, 0.7, 0.9], [20.0, 40.0], sampling=[10.0, 20.0]),
+            'grpo_lr0.001': run([0.6, 0.5, 0.6], [10.0, 20.0])}
+  gate = {'points': [{'n': 256, 'accuracy': 0.6, 'steps': 400, 'flops': 1.0}]}
+  s = sr.summarize(stages, gate, sr.recipe(), (1e-3,), ('opd', 'sft_teacher', 'grpo'), 256,
+                   {'flops_per_example': 1.0}, quick=True)
+  assert s['target'] == pytest.approx(0.8)
+  sft = s['rows']['sft_teacher']
+  # 0.8 is halfway between steps 10 and 20: FLOPs 30 counted, 15 with sampling left out
+  assert sft['flops_to_target_teacher_counted'] == pytest.approx(30.0)
+  assert sft['flops_to_target_data_free'] == pytest.approx(15.0)
+  assert sr._ratio_txt(sft, 'teacher_counted') == '< 0.38x'  # 30 / 80
+  assert sr._ratio_txt(sft, 'data_free') == '< 0.19x'        # 15 / 80
+  assert sr._ratio_txt(s['rows']['grpo'], 'data_free') == '—'

@@ -791,3 +791,49 @@ def test_topk_loss_of_a_truncated_student_with_no_kept_token_among_the_teachers(
       + 0.5 * np.log(1. / (0.5 * 0.1 + 0.5)))
   np.testing.assert_allclose(value, want, rtol=1e-5)
   assert np.all(np.isfinite(grad))
+
+
+@pytest.mark.parametrize('with_outcome', [False, True])
+def test_constant_advantage_mode(with_outcome):
+  """The no-teacher control (config.rl.constant_advantage): the constant on every response
+  token, 0 off the mask, the outcome advantage added per row; the teachers' values and the
+  route are ignored, and the policy-loss gradient is −c times that of Σ log π on the sampled
+  tokens (token-mean), checked against a NumPy softmax reference."""
+  from opd_jax.objectives import advantages as token_adv
+  outcome = RNG.randn(B).astype(np.float32) if with_outcome else None
+  adv, _, _ = token_adv.advantages(jnp.asarray(S_B), jnp.asarray(T_J), None, jnp.asarray(COEF),
+                                   jnp.asarray(ROUTE), jnp.asarray(MASK),
+                                   None if outcome is None else jnp.asarray(outcome),
+                                   mode='constant', constant=-1.0)
+  want = -1.0 * MASK + (0.0 if outcome is None else outcome[:, None] * MASK)
+  np.testing.assert_allclose(np.asarray(adv), want, **TOL)
+  with pytest.raises(ValueError, match="needs `constant`"):
+    token_adv.advantages(jnp.asarray(S_B), jnp.asarray(T_J), None, jnp.asarray(COEF),
+                         jnp.asarray(ROUTE), jnp.asarray(MASK), None, mode='constant')
+
+
+def test_constant_negative_advantage_pushes_sampled_tokens_down():
+  """On fresh samples (ratio 1) the policy loss with A = −1 has the gradient of
+  +mean log π(sampled token): one SGD step lowers every sampled token's probability
+  (NumPy reference of the log-softmax gradient)."""
+  logits = RNG.randn(5, V).astype(np.float64)
+  tok = RNG.randint(0, V, size=5)
+
+  def lp(x):
+    return jax.nn.log_softmax(x)[jnp.arange(5), tok]
+
+  def loss(x):  # the project's policy loss and aggregation, advantage −1 on every token
+    s = lp(x)[:, None]
+    m = jnp.ones_like(s)
+    per = L.policy_loss(s, jax.lax.stop_gradient(s), jnp.full_like(s, -1.0), m)[0]
+    return L.finalize(*L.aggregate(per, m))
+
+  g = np.asarray(jax.grad(loss)(jnp.asarray(logits, jnp.float32)))
+  p = np.exp(logits - logits.max(1, keepdims=True))
+  p /= p.sum(1, keepdims=True)
+  onehot = np.eye(V)[tok]
+  np.testing.assert_allclose(g, (onehot - p) / 5, rtol=1e-4, atol=1e-6)
+  new = logits - 1.0 * g
+  newp = np.exp(new - new.max(1, keepdims=True))
+  newp /= newp.sum(1, keepdims=True)
+  assert (newp[np.arange(5), tok] < p[np.arange(5), tok]).all()
