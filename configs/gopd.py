@@ -49,7 +49,7 @@ RL_GROUP = 16            # samples per prompt (the GRPO group)
 RL_PROMPTS = 8
 RL_LRS = (1e-4, 3e-4)   # chosen per domain on validation pass@1 (never on held-out)
 RL_LR = 3e-4             # the default of a bare `rl` stage (the experiment sets the rate)
-RL_EVAL_EVERY = 25
+RL_EVAL_EVERY = 50      # a multiple of log_every (10): evaluations only fall on logged steps
 QUICK_RL_LRS = (1e-4, 3e-4)
 CARRY_ERROR_RATE = 0.7   # share of training solutions written with the domain's mistake
 # The noisy subtraction's mistake: 'smaller_from_larger' (3 - 7 written 7 - 3, at the first

@@ -2,6 +2,7 @@
 domain teachers, and reward correction with a larger teacher.
 
   python -m opd_jax.experiments.gopd --workdir runs/gopd/seed0 --seed 0 [--gate-only]
+      [--no-claim3]   (--gate-only: stop after the experts gate; --no-claim3: claims 1, 2)
   python -m opd_jax.experiments.gopd --workdir /tmp/gopd_quick --quick
   python -m opd_jax.experiments.gopd --workdir runs/gopd/agg --aggregate runs/gopd/seed0 ...
 
@@ -158,7 +159,7 @@ def _row(stage: dict, domains) -> dict:
 
 
 def run_experiment(workdir: str, *, seed: int = 0, quick: bool = False,
-                   gate_only: bool = False) -> dict:
+                   gate_only: bool = False, claim3: bool = True) -> dict:
   recipe = load_recipe()
   t_start = time.time()
   os.makedirs(workdir, exist_ok=True)
@@ -228,24 +229,25 @@ def run_experiment(workdir: str, *, seed: int = 0, quick: bool = False,
   distill('multi_opd', 'opd', data=both, teachers=experts)
   distill('multi_exopd', 'opd', data=both, teachers=experts, lam=EXOPD_LAMBDA)
   # ---------------------------------- claim 3: a larger teacher, reward correction
-  st['large_base'] = run_stage('large_base', cfg('base', student=seeded_model(large, seed),
-                                                 data=both), workdir, need_export=True)
-  st['rl_large'] = run_stage('rl_large', cfg('rl', student=exp('large_base'), data=add,
-                                             lr=chosen['add'], validation=True), workdir,
-                             need_export=True)
-  big = {'teacher': (exp('rl_large'), ())}
-  distill('rc_opd', 'opd', ('add',), data=add, teachers=big)
-  distill('rc_exopd', 'opd', ('add',), data=add, teachers=big, lam=EXOPD_LAMBDA)
-  distill('rc_exopd_corrected', 'opd', ('add',), data=add, teachers=big, lam=EXOPD_LAMBDA,
-          reference=exp('large_base'))
+  if claim3:
+    st['large_base'] = run_stage('large_base', cfg('base', student=seeded_model(large, seed),
+                                                   data=both), workdir, need_export=True)
+    st['rl_large'] = run_stage('rl_large', cfg('rl', student=exp('large_base'), data=add,
+                                               lr=chosen['add'], validation=True), workdir,
+                               need_export=True)
+    big = {'teacher': (exp('rl_large'), ())}
+    distill('rc_opd', 'opd', ('add',), data=add, teachers=big)
+    distill('rc_exopd', 'opd', ('add',), data=add, teachers=big, lam=EXOPD_LAMBDA)
+    distill('rc_exopd_corrected', 'opd', ('add',), data=add, teachers=big, lam=EXOPD_LAMBDA,
+            reference=exp('large_base'))
   summary = summarize(st, lambdas)
   summary.update(seed=seed, quick=quick, wall_s=time.time() - t_start, gate=gate,
                  rl_curves=curves,
                  stage_wall_s=_walls(st))
   summary['stage_wall_sum_s'] = sum(summary['stage_wall_s'].values())
-  text = gate_table([summary]) + '\n\n' + tables(summary) + (f'\n\nseed {seed}; sum of stage wall times '
-                            f'{summary["stage_wall_sum_s"]:.0f} s (reused stages count their '
-                            f'original run); this invocation {summary["wall_s"]:.0f} s')
+  text = gate_table([summary]) + '\n\n' + tables(summary) + (
+      f'\n\nseed {seed}; sum of stage wall times {summary["stage_wall_sum_s"]:.0f} s (reused '
+      f'stages count their original run); this invocation {summary["wall_s"]:.0f} s')
   with open(os.path.join(workdir, 'results.json'), 'w') as f:
     json.dump(summary, f, indent=1)
   with open(os.path.join(workdir, 'results.md'), 'w') as f:
@@ -389,15 +391,17 @@ def summarize(st: dict, lambdas) -> dict:
   models' pass@1 is the step-0 evaluation of runs that start from them."""
   both = lambda stage: {k: {d: _acc(stage, d, k) for d in DOMAINS}  # noqa: E731
                         for k in ('pass1', 'greedy')}
-  teachers = {'add_expert': both(st['rl_add']), 'sub_expert': both(st['rl_sub']),
-              'large': {k: {'add': _acc(st['rl_large'], 'add', k)} for k in ('pass1', 'greedy')}}
+  teachers = {'add_expert': both(st['rl_add']), 'sub_expert': both(st['rl_sub'])}
   bases = {'base': {k: {d: _at_start(st['multi_opd'], d, k) for d in DOMAINS}
-                    for k in ('pass1', 'greedy')},
-           'large_base': {'pass1': {'add': _at_start(st['rl_large'], 'add')},
-                          'greedy': {'add': _acc(st['large_base'], 'add', 'greedy')}}}
+                    for k in ('pass1', 'greedy')}}
   sweep = {f'{lam:g}': _row(st[f'lambda{lam:g}'], ('add',)) for lam in lambdas}
   multi = {m: _row(st[f'multi_{m}'], DOMAINS) for m in ('sft', 'opd', 'exopd')}
-  rc = {m: _row(st[f'rc_{m}'], ('add',)) for m in ('opd', 'exopd', 'exopd_corrected')}
+  rc = None  # claim 3 not run (--no-claim3)
+  if 'rl_large' in st:
+    teachers['large'] = {k: {'add': _acc(st['rl_large'], 'add', k)} for k in ('pass1', 'greedy')}
+    bases['large_base'] = {'pass1': {'add': _at_start(st['rl_large'], 'add')},
+                           'greedy': {'add': _acc(st['large_base'], 'add', 'greedy')}}
+    rc = {m: _row(st[f'rc_{m}'], ('add',)) for m in ('opd', 'exopd', 'exopd_corrected')}
   return {'teachers': teachers, 'bases': bases, 'sweep': sweep, 'multi': multi, 'rc': rc,
           'lambdas': [float(x) for x in lambdas], 'exopd_lambda': EXOPD_LAMBDA}
 
@@ -463,6 +467,16 @@ def tables(*sums) -> str:
     ds = g(lambda x: _diff(x['multi'][m]['pass1']['sub'],
                            x['teachers']['sub_expert']['pass1']['sub']))
     out.append(f'| {name} | {_fmt(da, "+.1f")} | {_fmt(ds, "+.1f")} |')
+  def lr_line(group, names):
+    per = lambda key: '/'.join(format(x[group][key]['lr'] or 0.0, 'g') for x in sums)  # noqa
+    return ('learning rate chosen on validation, per seed: '
+            + '; '.join(f'{name} {per(key)}' for key, name in names.items()))
+  out += ['', lr_line('sweep', {f'{lam:g}': f'λ {lam:g}' for lam in sums[0]['lambdas']}),
+          lr_line('multi', MULTI_NAMES)]
+  if any(x.get('rc') is None for x in sums):
+    out += ['', 'Claim 3: not run (--no-claim3).']
+    return '\n'.join(out)
+  out.append(lr_line('rc', RC_NAMES))
   t_big = lambda x, k: x['teachers']['large'][k]['add']  # noqa: E731
   out += ['', 'Claim 3: "add", the larger teacher (3x96 large_base + GRPO) into the small '
           'base.', '',
@@ -557,9 +571,10 @@ def main(argv=None):
   import sys
   argv = list(sys.argv[1:] if argv is None else argv)
   gate_only = '--gate-only' in argv  # stop after the experts gate
-  argv = [a for a in argv if a != '--gate-only']
-  cli(__doc__, 'runs/gopd/seed0', functools.partial(run_experiment, gate_only=gate_only),
-      aggregate, argv)
+  claim3 = '--no-claim3' not in argv  # claims 1 and 2 only (no larger teacher)
+  argv = [a for a in argv if a not in ('--gate-only', '--no-claim3')]
+  cli(__doc__, 'runs/gopd/seed0',
+      functools.partial(run_experiment, gate_only=gate_only, claim3=claim3), aggregate, argv)
 
 
 if __name__ == '__main__':
