@@ -38,7 +38,8 @@ result.json exists is reused, so an interrupted run continues):
               large_base, the teacher's pre-RL base).
 
 Every distillation run has the same student init, prompt stream, steps, training sequences
-per step and learning rate (configs/gopd.py). Held-out accuracy is pass@1 at T=1 (4
+per step and learning-rate grid (configs/gopd.py:DISTILL_LRS), each method's rate chosen
+alike on the validation split (one stage per rate, NAME_lrX). Held-out accuracy is pass@1 at T=1 (4
 samples per prompt; the paper's sampled accuracy), with greedy exact match beside it (it
 saturates near 100% here); response length is of the greedy held-out responses; entropy is
 the policy's mean per-token entropy on its own training samples (T=1) over the last quarter
