@@ -509,6 +509,7 @@ def finish_batch(loop: Loop, sampled: Sampled, scoring: Scoring) -> tuple[Update
   if c.rl.estimator:
     outcome, rew = _outcome_advantages(loop, rollout, local, n)
     metrics['reward/mean'] = float(rew.mean())
+    metrics['reward/groups_with_signal'] = adv_lib.groups_with_signal(rew, n)
     for tg in sorted(set(tags)):
       metrics[f'reward/mean/{tg}'] = float(rew[np.asarray(tags) == tg].mean())
   # --------------------------------------------------------------------- advantages

@@ -1,7 +1,8 @@
 """G-OPD / ExOPD claims in miniature on a CPU: extrapolating beyond the teacher, merging
 domain teachers, and reward correction with a larger teacher.
 
-  python -m opd_jax.experiments.gopd --workdir runs/gopd/seed0 --seed 0
+  python -m opd_jax.experiments.gopd --workdir runs/gopd/seed0 --seed 0 [--gate-only]
+      [--no-claim3]   (--gate-only: stop after the experts gate; --no-claim3: claims 1, 2)
   python -m opd_jax.experiments.gopd --workdir /tmp/gopd_quick --quick
   python -m opd_jax.experiments.gopd --workdir runs/gopd/agg --aggregate runs/gopd/seed0 ...
 
@@ -12,13 +13,22 @@ plus RL). Stages (each the ordinary trainer on configs/gopd.py:STAGE; a stage wh
 result.json exists is reused, so an interrupted run continues):
 
   data        2-digit addition ('add') and subtraction ('sub') written out column by column
-              (opd_jax/tasks/arithmetic.py); noisy training solutions (half forget their
-              carries / borrows) and clean held-out sets, disjoint from training.
+              (opd_jax/tasks/arithmetic.py); noisy training solutions (a share
+              CARRY_ERROR_RATE forget their carries / borrows), clean validation sets (tag
+              DOMAIN_val) and clean held-out sets, pairwise disjoint.
   base        the small model (2x64) after SFT on the noisy solutions of both domains: the
               shared pre-RL base and every distillation run's student init.
-  large_base  the same SFT of a larger model (3x96): the larger teacher's own base.
-  rl_add, rl_sub   domain teachers: GRPO from `base` on one domain's exact-match reward.
-  rl_large    the larger teacher: GRPO from `large_base` on 'add'.
+  rl_add_lrX, rl_sub_lrX   domain teachers: GRPO from `base` on one domain's exact-match
+              reward, one run per learning rate X in RL_LRS; each domain's expert is the
+              run with the best final VALIDATION pass@1 on its domain.
+  gate        before any distillation, the experts gate (a table and PASS / FAIL): each
+              expert's held-out pass@1 at least GATE_OVER_BASE above the base on its own
+              domain and GATE_OVER_OTHER above the other expert there. rl_curves.png: the
+              experts' validation pass@1, training reward and share of GRPO groups with
+              unequal rewards vs step. A full run stops here when the gate fails (and
+              always with --gate-only); --quick continues (a pipeline check).
+  large_base  (after the gate) the same SFT of a larger model (3x96).
+  rl_large    the larger teacher: GRPO from `large_base` on 'add' at the add expert's rate.
   claim 1     single domain ('add'), teacher rl_add, reference = base (the student's init):
               G-OPD for λ in {0, 0.5, 1, 1.25, 1.5, 2}.
   claim 2     both domains, teachers rl_add / rl_sub routed by tag: SFT on the teachers'
@@ -28,18 +38,20 @@ result.json exists is reused, so an interrupted run continues):
               large_base, the teacher's pre-RL base).
 
 Every distillation run has the same student init, prompt stream, steps, training sequences
-per step and learning rate (configs/gopd.py). Held-out accuracy is pass@1 at T=1 (4
+per step and learning-rate grid (configs/gopd.py:DISTILL_LRS), each method's rate chosen
+alike on the validation split (one stage per rate, NAME_lrX). Held-out accuracy is pass@1 at T=1 (4
 samples per prompt; the paper's sampled accuracy), with greedy exact match beside it (it
 saturates near 100% here); response length is of the greedy held-out responses; entropy is
 the policy's mean per-token entropy on its own training samples (T=1) over the last quarter
 of the run. The
 reference's scoring FLOPs are counted like a teacher's (compute/flops/reference).
-Outputs in WORKDIR: results.md (the tables, also printed as the last lines), results.json,
-accuracy_vs_lambda.png, per_domain.png.
+Outputs in WORKDIR: results.md (the gate and the tables, also printed as the last lines),
+results.json, rl_curves.png, accuracy_vs_lambda.png, per_domain.png.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -56,21 +68,29 @@ def load_recipe():
 
 
 def write_data(directory: str, recipe, *, quick: bool) -> dict:
-  """Noisy training sets and clean held-out sets per domain (the same for every seed)."""
+  """Per domain: noisy training set, clean validation set (tag DOMAIN_val: the RL learning
+  rate is chosen on it) and clean held-out set, pairwise disjoint (asserted); the same for
+  every seed."""
   from opd_jax.tasks import arithmetic, chain
   os.makedirs(directory, exist_ok=True)
-  n_train, n_eval = (1000, 32) if quick else (recipe.N_TRAIN, recipe.N_EVAL)
+  n_train, n_val, n_eval = (1000, 16, 32) if quick else (recipe.N_TRAIN, recipe.N_VAL,
+                                                         recipe.N_EVAL)
   k = recipe.DIGITS
   paths = {}
   for d, op, s in (('add', '+', 0), ('sub', '-', 10)):
     ev = arithmetic.make_records(n_eval, seed=s + 1, prefix=f'{d}-eval', op=op, tag=d,
                                  min_digits=k, max_digits=k)
     held = {r['prompt'] for r in ev}
+    va = arithmetic.make_records(n_val, seed=s + 2, prefix=f'{d}-val', op=op, tag=f'{d}_val',
+                                 exclude=held, min_digits=k, max_digits=k)
+    val = {r['prompt'] for r in va}
     tr = arithmetic.make_records(n_train, seed=s, prefix=f'{d}-train', op=op, tag=d,
-                                 exclude=held, carry_error_rate=0.5, min_digits=k,
-                                 max_digits=k)
-    assert not held & {r['prompt'] for r in tr}, f'{d}: train and eval overlap'
-    for name, recs in (('train', tr), ('eval', ev)):
+                                 exclude=held | val, carry_error_rate=recipe.CARRY_ERROR_RATE,
+                                 sub_error=recipe.SUB_ERROR, min_digits=k, max_digits=k)
+    train = {r['prompt'] for r in tr}
+    assert not held & train and not val & train and not held & val, \
+        f'{d}: train, validation and held-out overlap'
+    for name, recs in (('train', tr), ('val', va), ('eval', ev)):
       paths[f'{d}_{name}'] = os.path.join(directory, f'{d}_{name}.jsonl')
       chain.write_jsonl(paths[f'{d}_{name}'], recs)
   return paths
@@ -78,13 +98,18 @@ def write_data(directory: str, recipe, *, quick: bool) -> dict:
 
 def _config(recipe, stage: str, paths: dict, *, seed: int, quick: bool, student: str,
             data: dict, teachers: dict | None = None, lam: float | None = None,
-            reference: str | None = None, eval_domains=DOMAINS):
+            reference: str | None = None, eval_domains=DOMAINS, lr: float | None = None,
+            validation: bool = False):
   c = recipe.get_config(stage + (',quick' if quick else ''))
   c.unlock()
   c.seed = seed
   c.student.model = student
   c.data.train = data
   c.data.eval = {d: paths[f'{d}_eval'] for d in eval_domains}
+  if validation:  # metrics under the tag DOMAIN_val
+    c.data.eval.update({f'{d}_val': paths[f'{d}_val'] for d in eval_domains})
+  if lr is not None:
+    c.optim.lr = float(lr)
   if teachers is not None:
     from opd_jax.config_lib import teacher
     c.teachers = {}
@@ -128,12 +153,14 @@ def _row(stage: dict, domains) -> dict:
           'train_response_len': _last_quarter(h, 'rollout/response_len'),
           'flops': fl[-1][1] if fl else None,
           'flops_reference': (h.get('compute/flops/reference') or [[0, 0.0]])[-1][1],
+          'lr': stage.get('lr'),
           'curve': {d: [(int(s), float(v)) for s, v in h.get(f'eval/pass@1/{d}', [])]
                     for d in domains},
           'wall_s': stage['wall_s']}
 
 
-def run_experiment(workdir: str, *, seed: int = 0, quick: bool = False) -> dict:
+def run_experiment(workdir: str, *, seed: int = 0, quick: bool = False,
+                   gate_only: bool = False, claim3: bool = True) -> dict:
   recipe = load_recipe()
   t_start = time.time()
   os.makedirs(workdir, exist_ok=True)
@@ -150,47 +177,78 @@ def run_experiment(workdir: str, *, seed: int = 0, quick: bool = False) -> dict:
   # ------------------------------------------------------------ bases and teachers
   st['base'] = run_stage('base', cfg('base', student=seeded_model(small, seed), data=both),
                          workdir, need_export=True)
-  st['rl_add'] = run_stage('rl_add', cfg('rl', student=exp('base'), data=add), workdir,
-                           need_export=True)
-  st['rl_sub'] = run_stage('rl_sub', cfg('rl', student=exp('base'),
-                                         data={'sub': paths['sub_train']}), workdir,
-                           need_export=True)
-  st['large_base'] = run_stage('large_base', cfg('base', student=seeded_model(large, seed),
-                                                 data=both), workdir, need_export=True)
-  st['rl_large'] = run_stage('rl_large', cfg('rl', student=exp('large_base'), data=add),
-                             workdir, need_export=True)
+  # the experts: GRPO from the base on one domain, one run per learning rate; the rate is
+  # chosen on the validation split's pass@1 (held-out is only reported)
+  lrs = recipe.QUICK_RL_LRS if quick else recipe.RL_LRS
+  chosen = {}
+  for d in DOMAINS:
+    runs = {lr: run_stage(f'rl_{d}_lr{lr:g}', cfg('rl', student=exp('base'),
+                                                  data={d: paths[f'{d}_train']}, lr=lr,
+                                                  validation=True), workdir, need_export=True)
+            for lr in lrs}
+    chosen[d] = select_lr(runs, d)
+    st[f'rl_{d}'] = runs[chosen[d]]
+    st[f'rl_{d}_sweep'] = runs
+  rl_dir = {d: f'rl_{d}_lr{chosen[d]:g}' for d in DOMAINS}
+  gate = expert_gate(st, chosen, recipe)
+  curves = rl_curves(st, chosen)
+  plot_rl_curves(curves, workdir)
+  print('\n' + gate_table([{'seed': seed, 'gate': gate}]), flush=True)
+  if gate_only or (not gate['pass'] and not quick):
+    summary = {'seed': seed, 'quick': quick, 'gate': gate, 'rl_curves': curves,
+               'wall_s': time.time() - t_start,
+               'stage_wall_s': _walls(st)}
+    summary['stage_wall_sum_s'] = sum(summary['stage_wall_s'].values())
+    text = gate_table([summary]) + (
+        '\n\nstopped after the gate (' + ('--gate-only' if gate_only else
+                                           'the gate failed: no distillation') + ')')
+    with open(os.path.join(workdir, 'results.json'), 'w') as f:
+      json.dump(summary, f, indent=1)
+    with open(os.path.join(workdir, 'results.md'), 'w') as f:
+      f.write(text + '\n')
+    print('\n' + text, flush=True)
+    return summary
+  # every distillation method: one run per learning rate in DISTILL_LRS, the rate chosen on
+  # the validation pass@1 (mean over the run's domains), the held-out numbers of that run
+  dlrs = recipe.QUICK_DISTILL_LRS if quick else recipe.DISTILL_LRS
+
+  def distill(name, stage, domains=DOMAINS, **kw):
+    runs = {lr: run_stage(f'{name}_lr{lr:g}', cfg(stage, student=exp('base'), lr=lr,
+                                                  validation=True, eval_domains=domains, **kw),
+                          workdir) for lr in dlrs}
+    st[name], st[f'{name}_sweep'] = runs[select_lr(runs, domains)], runs
+
   # ------------------------------------------------------ claim 1: the λ sweep on 'add'
   lambdas = recipe.QUICK_LAMBDAS if quick else recipe.LAMBDAS
   for lam in lambdas:
-    st[f'lambda{lam:g}'] = run_stage(
-        f'lambda{lam:g}', cfg('opd', student=exp('base'), data=add,
-                              teachers={'teacher': (exp('rl_add'), ())}, lam=lam,
-                              eval_domains=('add',)), workdir)
+    distill(f'lambda{lam:g}', 'opd', ('add',), data=add,
+            teachers={'teacher': (exp(rl_dir['add']), ())}, lam=lam)
   # --------------------------------------------- claim 2: two domain teachers, merged
-  experts = {'add_expert': (exp('rl_add'), ('add',)), 'sub_expert': (exp('rl_sub'), ('sub',))}
-  st['multi_sft'] = run_stage('multi_sft', cfg('sft', student=exp('base'), data=both,
-                                               teachers=experts), workdir)
-  st['multi_opd'] = run_stage('multi_opd', cfg('opd', student=exp('base'), data=both,
-                                               teachers=experts), workdir)
-  st['multi_exopd'] = run_stage('multi_exopd', cfg('opd', student=exp('base'), data=both,
-                                                   teachers=experts, lam=EXOPD_LAMBDA), workdir)
+  experts = {'add_expert': (exp(rl_dir['add']), ('add',)),
+             'sub_expert': (exp(rl_dir['sub']), ('sub',))}
+  distill('multi_sft', 'sft', data=both, teachers=experts)
+  distill('multi_opd', 'opd', data=both, teachers=experts)
+  distill('multi_exopd', 'opd', data=both, teachers=experts, lam=EXOPD_LAMBDA)
   # ---------------------------------- claim 3: a larger teacher, reward correction
-  big = {'teacher': (exp('rl_large'), ())}
-  st['rc_opd'] = run_stage('rc_opd', cfg('opd', student=exp('base'), data=add, teachers=big,
-                                         eval_domains=('add',)), workdir)
-  st['rc_exopd'] = run_stage('rc_exopd', cfg('opd', student=exp('base'), data=add, teachers=big,
-                                             lam=EXOPD_LAMBDA, eval_domains=('add',)), workdir)
-  st['rc_exopd_corrected'] = run_stage(
-      'rc_exopd_corrected', cfg('opd', student=exp('base'), data=add, teachers=big,
-                                lam=EXOPD_LAMBDA, reference=exp('large_base'),
-                                eval_domains=('add',)), workdir)
+  if claim3:
+    st['large_base'] = run_stage('large_base', cfg('base', student=seeded_model(large, seed),
+                                                   data=both), workdir, need_export=True)
+    st['rl_large'] = run_stage('rl_large', cfg('rl', student=exp('large_base'), data=add,
+                                               lr=chosen['add'], validation=True), workdir,
+                               need_export=True)
+    big = {'teacher': (exp('rl_large'), ())}
+    distill('rc_opd', 'opd', ('add',), data=add, teachers=big)
+    distill('rc_exopd', 'opd', ('add',), data=add, teachers=big, lam=EXOPD_LAMBDA)
+    distill('rc_exopd_corrected', 'opd', ('add',), data=add, teachers=big, lam=EXOPD_LAMBDA,
+            reference=exp('large_base'))
   summary = summarize(st, lambdas)
-  summary.update(seed=seed, quick=quick, wall_s=time.time() - t_start,
-                 stage_wall_s={k: v['wall_s'] for k, v in st.items()})
+  summary.update(seed=seed, quick=quick, wall_s=time.time() - t_start, gate=gate,
+                 rl_curves=curves,
+                 stage_wall_s=_walls(st))
   summary['stage_wall_sum_s'] = sum(summary['stage_wall_s'].values())
-  text = tables(summary) + (f'\n\nseed {seed}; sum of stage wall times '
-                            f'{summary["stage_wall_sum_s"]:.0f} s (reused stages count their '
-                            f'original run); this invocation {summary["wall_s"]:.0f} s')
+  text = gate_table([summary]) + '\n\n' + tables(summary) + (
+      f'\n\nseed {seed}; sum of stage wall times {summary["stage_wall_sum_s"]:.0f} s (reused '
+      f'stages count their original run); this invocation {summary["wall_s"]:.0f} s')
   with open(os.path.join(workdir, 'results.json'), 'w') as f:
     json.dump(summary, f, indent=1)
   with open(os.path.join(workdir, 'results.md'), 'w') as f:
@@ -200,21 +258,151 @@ def run_experiment(workdir: str, *, seed: int = 0, quick: bool = False) -> dict:
   return summary
 
 
+# ------------------------------------------------------------------------- the experts
+def _walls(st: dict) -> dict:
+  """Wall seconds per stage run (every RL learning rate once)."""
+  out = {}
+  for k, v in st.items():
+    if k.endswith('_sweep'):
+      out.update({f'{k[:-6]}_lr{lr:g}': r['wall_s'] for lr, r in v.items()})
+    elif f'{k}_sweep' not in st:  # not the chosen run of a sweep (counted there)
+      out[k] = v['wall_s']
+  return out
+
+
+def select_lr(runs: dict, domains) -> float:
+  """The learning rate whose run ends with the best validation pass@1 (mean over `domains`,
+  one name or several; the first of the rates in order on a tie); held-out is never looked
+  at."""
+  domains = (domains,) if isinstance(domains, str) else tuple(domains)
+  return max(runs, key=lambda lr: sum(_acc(runs[lr], f'{d}_val') or 0.0 for d in domains))
+
+
+def expert_gate(st: dict, chosen: dict, recipe) -> dict:
+  """Each expert's held-out pass@1 (T=1) on its own domain against the base (the step-0
+  evaluation of its run) and against the other expert; PASS when every margin clears
+  recipe.GATE_OVER_BASE / GATE_OVER_OTHER."""
+  rows = {}
+  for d, other in (('add', 'sub'), ('sub', 'add')):
+    e, o = st[f'rl_{d}'], st[f'rl_{other}']
+    mine, base, theirs = _acc(e, d), _at_start(e, d), _acc(o, d)
+    over_base = None if mine is None or base is None else mine - base
+    over_other = None if mine is None or theirs is None else mine - theirs
+    ok = (over_base is not None and over_other is not None
+          and over_base >= recipe.GATE_OVER_BASE - 1e-9
+          and over_other >= recipe.GATE_OVER_OTHER - 1e-9)
+    rows[d] = {'lr': chosen[d], 'base': base, 'expert': mine, 'other_expert': theirs,
+               'over_base': over_base, 'over_other': over_other, 'pass': bool(ok),
+               'val': _acc(e, f'{d}_val'), 'val_base': _at_start(e, f'{d}_val')}
+  return {'rows': rows, 'pass': all(r['pass'] for r in rows.values()),
+          'over_base': recipe.GATE_OVER_BASE, 'over_other': recipe.GATE_OVER_OTHER}
+
+
+def gate_table(sums) -> str:
+  """The experts gate, one line per seed and expert, then PASS / FAIL."""
+  g0 = sums[0]['gate']
+  out = [f'Experts gate (before any distillation): held-out pass@1 at T=1 on the expert\'s '
+         f'own domain, at least +{100 * g0["over_base"]:.0f} points over the base and '
+         f'+{100 * g0["over_other"]:.0f} over the other expert. GRPO learning rate chosen on '
+         'validation pass@1.', '',
+         '| seed | expert | lr (validation) | validation pass@1, base → expert | base | expert '
+         '| other expert | over base (points) | over other (points) | gate |',
+         '|---|---|---|---|---|---|---|---|---|---|']
+  pct = lambda v: '—' if v is None else f'{v:.1%}'  # noqa: E731
+  pts = lambda v: '—' if v is None else f'{100 * v:+.1f}'  # noqa: E731
+  for x in sums:
+    for d, r in x['gate']['rows'].items():
+      out.append(f'| {x.get("seed")} | {d} expert | {r["lr"]:g} | {pct(r["val_base"])} → '
+                 f'{pct(r["val"])} | {pct(r["base"])} | {pct(r["expert"])} | '
+                 f'{pct(r["other_expert"])} | {pts(r["over_base"])} | '
+                 f'{pts(r["over_other"])} | {"PASS" if r["pass"] else "FAIL"} |')
+  ok = all(x['gate']['pass'] for x in sums)
+  out += ['', f'GATE: {"PASS" if ok else "FAIL"} ('
+          + ', '.join(f'seed {x.get("seed")} {"PASS" if x["gate"]["pass"] else "FAIL"}'
+                      for x in sums) + ')']
+  return '\n'.join(out)
+
+
+def rl_curves(st: dict, chosen: dict) -> dict:
+  """Per expert and learning rate: validation pass@1 on both domains, training reward and
+  the share of groups with unequal rewards, vs step."""
+  pairs = lambda h, k: [(int(a), float(b)) for a, b in h.get(k, [])]  # noqa: E731
+  out = {}
+  for d in DOMAINS:
+    out[d] = {'chosen': chosen[d], 'runs': {}}
+    for lr, r in st[f'rl_{d}_sweep'].items():
+      h = r['history']
+      out[d]['runs'][f'{lr:g}'] = {
+          'val': {e: pairs(h, f'eval/pass@1/{e}_val') for e in DOMAINS},
+          'reward': pairs(h, 'reward/mean'),
+          'groups_with_signal': pairs(h, 'reward/groups_with_signal')}
+  return out
+
+
+def plot_rl_curves(curves: dict, out_dir: str, name: str = 'rl_curves.png') -> None:
+  """Validation pass@1 vs GRPO step per learning rate (own domain solid, the other domain
+  dashed), and the chosen runs' training reward and groups with signal."""
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  if isinstance(curves, dict):
+    curves = [curves]
+  fig, axes = plt.subplots(1, 3, figsize=(13.5, 3.8))
+  colors = ['tab:blue', 'tab:orange', 'tab:green', 'tab:red', 'tab:purple']
+  for ax, d in zip(axes[:2], DOMAINS):
+    other = [e for e in DOMAINS if e != d][0]
+    lrs = list(curves[0][d]['runs'])
+    for i, c in enumerate(curves):
+      for j, lr in enumerate(lrs):
+        run = c[d]['runs'][lr]
+        lab = i == 0
+        chosen = float(lr) == float(c[d]['chosen'])
+        for e, ls in ((d, '-'), (other, '--')):
+          xs = run['val'][e]
+          if xs:
+            ax.plot(*zip(*xs), ls, color=colors[j % len(colors)], alpha=0.9 if chosen else 0.45,
+                    lw=2.0 if chosen else 1.0,
+                    label=f'lr {lr}, {e}_val' if lab else None)
+    ax.set_title(f'{d} expert (GRPO on {d}); bold: chosen lr', fontsize=9)
+    ax.set_xlabel('GRPO step')
+    ax.set_ylabel('validation pass@1 at T=1')
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=6)
+  ax = axes[2]
+  for i, c in enumerate(curves):
+    for k, d in enumerate(DOMAINS):
+      run = c[d]['runs'][f'{c[d]["chosen"]:g}']
+      for key, ls in (('reward', '-'), ('groups_with_signal', ':')):
+        if run[key]:
+          ax.plot(*zip(*run[key]), ls, color=colors[k], alpha=0.8,
+                  label=f'{d} expert, {key.replace("_", " ")}' if i == 0 else None)
+  ax.set_title('chosen runs: training reward (solid), groups with signal (dotted)',
+               fontsize=9)
+  ax.set_xlabel('GRPO step')
+  ax.set_ylim(0, 1)
+  ax.legend(fontsize=6)
+  fig.tight_layout()
+  fig.savefig(os.path.join(out_dir, name), dpi=110)
+  plt.close(fig)
+
+
 # ---------------------------------------------------------------------------- analysis
 def summarize(st: dict, lambdas) -> dict:
   """Per seed: every model's held-out pass@1 at T=1 ('pass1') and greedy accuracy. The base
   models' pass@1 is the step-0 evaluation of runs that start from them."""
   both = lambda stage: {k: {d: _acc(stage, d, k) for d in DOMAINS}  # noqa: E731
                         for k in ('pass1', 'greedy')}
-  teachers = {'add_expert': both(st['rl_add']), 'sub_expert': both(st['rl_sub']),
-              'large': {k: {'add': _acc(st['rl_large'], 'add', k)} for k in ('pass1', 'greedy')}}
+  teachers = {'add_expert': both(st['rl_add']), 'sub_expert': both(st['rl_sub'])}
   bases = {'base': {k: {d: _at_start(st['multi_opd'], d, k) for d in DOMAINS}
-                    for k in ('pass1', 'greedy')},
-           'large_base': {'pass1': {'add': _at_start(st['rl_large'], 'add')},
-                          'greedy': {'add': _acc(st['large_base'], 'add', 'greedy')}}}
+                    for k in ('pass1', 'greedy')}}
   sweep = {f'{lam:g}': _row(st[f'lambda{lam:g}'], ('add',)) for lam in lambdas}
   multi = {m: _row(st[f'multi_{m}'], DOMAINS) for m in ('sft', 'opd', 'exopd')}
-  rc = {m: _row(st[f'rc_{m}'], ('add',)) for m in ('opd', 'exopd', 'exopd_corrected')}
+  rc = None  # claim 3 not run (--no-claim3)
+  if 'rl_large' in st:
+    teachers['large'] = {k: {'add': _acc(st['rl_large'], 'add', k)} for k in ('pass1', 'greedy')}
+    bases['large_base'] = {'pass1': {'add': _at_start(st['rl_large'], 'add')},
+                           'greedy': {'add': _acc(st['large_base'], 'add', 'greedy')}}
+    rc = {m: _row(st[f'rc_{m}'], ('add',)) for m in ('opd', 'exopd', 'exopd_corrected')}
   return {'teachers': teachers, 'bases': bases, 'sweep': sweep, 'multi': multi, 'rc': rc,
           'lambdas': [float(x) for x in lambdas], 'exopd_lambda': EXOPD_LAMBDA}
 
@@ -280,6 +468,16 @@ def tables(*sums) -> str:
     ds = g(lambda x: _diff(x['multi'][m]['pass1']['sub'],
                            x['teachers']['sub_expert']['pass1']['sub']))
     out.append(f'| {name} | {_fmt(da, "+.1f")} | {_fmt(ds, "+.1f")} |')
+  def lr_line(group, names):
+    per = lambda key: '/'.join(format(x[group][key]['lr'] or 0.0, 'g') for x in sums)  # noqa
+    return ('learning rate chosen on validation, per seed: '
+            + '; '.join(f'{name} {per(key)}' for key, name in names.items()))
+  out += ['', lr_line('sweep', {f'{lam:g}': f'λ {lam:g}' for lam in sums[0]['lambdas']}),
+          lr_line('multi', MULTI_NAMES)]
+  if any(x.get('rc') is None for x in sums):
+    out += ['', 'Claim 3: not run (--no-claim3).']
+    return '\n'.join(out)
+  out.append(lr_line('rc', RC_NAMES))
   t_big = lambda x, k: x['teachers']['large'][k]['add']  # noqa: E731
   out += ['', 'Claim 3: "add", the larger teacher (3x96 large_base + GRPO) into the small '
           'base.', '',
@@ -349,19 +547,35 @@ def aggregate(workdirs, out_dir: str) -> str:
   for w in workdirs:
     with open(os.path.join(w, 'results.json')) as f:
       sums.append(json.load(f))
-  text = tables(sums)
+  text = gate_table(sums)
+  os.makedirs(out_dir, exist_ok=True)
+  plot_rl_curves([x['rl_curves'] for x in sums], out_dir, 'rl_curves_all.png')
+  full = [x for x in sums if 'sweep' in x]
+  if len(full) < len(sums):
+    text += (f'\n\n{len(sums) - len(full)} of {len(sums)} seed(s) stopped at the gate; the '
+             'claims tables below are over the others only' if full else
+             '\n\nevery seed stopped at the gate: no claims tables')
+  if full:
+    text += '\n\n' + tables(full)
   walls = [x['stage_wall_sum_s'] for x in sums]
   text += f'\n\nwall time per seed (sum of its stages): {_fmt(walls, ".0f")} s'
   os.makedirs(out_dir, exist_ok=True)
   with open(os.path.join(out_dir, 'aggregate.md'), 'w') as f:
     f.write(text + '\n')
-  plot(sums, out_dir)
+  if full:
+    plot(full, out_dir)
   print(text, flush=True)
   return text
 
 
 def main(argv=None):
-  cli(__doc__, 'runs/gopd/seed0', run_experiment, aggregate, argv)
+  import sys
+  argv = list(sys.argv[1:] if argv is None else argv)
+  gate_only = '--gate-only' in argv  # stop after the experts gate
+  claim3 = '--no-claim3' not in argv  # claims 1 and 2 only (no larger teacher)
+  argv = [a for a in argv if a not in ('--gate-only', '--no-claim3')]
+  cli(__doc__, 'runs/gopd/seed0',
+      functools.partial(run_experiment, gate_only=gate_only, claim3=claim3), aggregate, argv)
 
 
 if __name__ == '__main__':

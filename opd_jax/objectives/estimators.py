@@ -97,6 +97,14 @@ ESTIMATORS = {'grpo': grpo, 'rloo': rloo, 'reinforce_pp': reinforce_pp,
               'reinforce': reinforce}
 
 
+def groups_with_signal(rewards_B, group_size) -> float:
+  """The share of groups whose rewards are not all equal: the groups that give a group-
+  baselined estimator (GRPO, RLOO) any gradient at all (a group of equal rewards has
+  advantage 0 everywhere)."""
+  r = _grouped(rewards_B, group_size)
+  return float(jnp.mean(jnp.any(r != r[:, :1], axis=1)))
+
+
 def outcome_advantage(name, rewards_B, group_size, **kw):
   """ESTIMATORS[name](rewards_B, group_size=group_size, **kw): [B] rewards -> [B] advantages.
 

@@ -36,20 +36,29 @@ def solve(a: int, b: int, *, forget_carry: bool = False) -> str:
   return '\n'.join(lines)
 
 
-def solve_sub(a: int, b: int, *, forget_borrow: bool = False) -> str:
+def solve_sub(a: int, b: int, *, forget_borrow: bool = False,
+              smaller_from_larger: bool = False) -> str:
   """The written-out solution of a - b (a >= b), one column per line, right to left:
   `x-y-c=z` with c the incoming borrow; a column that borrows writes its top digit as `1x`
   ("13-7-0=6"), and the next line's c is 1. `forget_borrow` writes the classic mistake: the
-  borrow is taken ("13-...") but never paid back (every c is 0)."""
+  borrow is taken ("13-...") but never paid back (every c is 0). `smaller_from_larger`
+  writes the other classic mistake: a column whose top digit is smaller subtracts it from
+  the bottom one instead of borrowing ("7-3-0=4" for 3 - 7; never a borrow)."""
   if a < b:
     raise ValueError(f'solve_sub needs a >= b, got {a}-{b}')
+  if forget_borrow and smaller_from_larger:
+    raise ValueError('solve_sub: forget_borrow and smaller_from_larger are exclusive')
   da, db = str(a)[::-1], str(b)[::-1]
   lines, borrow, digits = [], 0, []
   for i in range(len(da)):
     x = int(da[i])
     y = int(db[i]) if i < len(db) else 0
     need = y + borrow
-    if x < need:
+    if smaller_from_larger and x < y:
+      lines.append(f'{y}-{x}-0={y - x}')
+      digits.append(y - x)
+      nxt = 0
+    elif x < need:
       lines.append(f'1{x}-{y}-{borrow}={10 + x - need}')
       digits.append(10 + x - need)
       nxt = 1
@@ -65,14 +74,18 @@ def solve_sub(a: int, b: int, *, forget_borrow: bool = False) -> str:
 def make_records(n: int, *, seed: int, min_digits: int = 3, max_digits: int = 3,
                  prefix: str = 'add', exclude: set | None = None,
                  carry_error_rate: float = 0.0, op: str = '+',
-                 tag: str = 'arith') -> list[dict]:
+                 tag: str = 'arith', sub_error: str = 'forget_borrow') -> list[dict]:
   """`n` distinct problems in ROLL's record format, tag `tag`, with the written solution
   under 'response' (for SFT) and the number under 'ground_truth' (for the checker).
   `op` is '+' (addition, `solve`) or '-' (subtraction a - b with a >= b, `solve_sub`).
   `carry_error_rate` is the fraction of responses written with forgotten carries (or
-  borrows: a noisy dataset); ground_truth is always the true result."""
+  borrows: a noisy dataset); ground_truth is always the true result. `sub_error` is the
+  mistake of a noisy subtraction: 'forget_borrow' or 'smaller_from_larger' (solve_sub)."""
   if op not in ('+', '-'):
     raise ValueError(f"op={op!r}; expected '+' or '-'")
+  if sub_error not in ('forget_borrow', 'smaller_from_larger'):
+    raise ValueError(f"sub_error={sub_error!r}; expected 'forget_borrow' or "
+                     "'smaller_from_larger'")
   rng = random.Random(seed)
   seen = set(exclude or ())
   out = []
@@ -91,7 +104,7 @@ def make_records(n: int, *, seed: int, min_digits: int = 3, max_digits: int = 3,
     if op == '+':
       truth, response = a + b, solve(a, b, forget_carry=noisy)
     else:
-      truth, response = a - b, solve_sub(a, b, forget_borrow=noisy)
+      truth, response = a - b, solve_sub(a, b, **{sub_error: noisy})
     out.append({'id': f'{prefix}-{len(out)}', 'prompt': prompt, 'tag': tag,
                 'ground_truth': str(truth), 'response': response,
                 'source': 'synthetic-noisy' if noisy else 'synthetic'})

@@ -67,6 +67,13 @@ def test_subtraction_task_and_facts():
   # the noisy solution takes the borrow but never pays it back
   assert arithmetic.solve_sub(583, 267, forget_borrow=True).endswith('#### 326')
   assert arithmetic.solve_sub(1000, 1).endswith('#### 999')
+  # smaller from larger: 3 - 7 becomes 7 - 3, no borrow
+  assert arithmetic.solve_sub(83, 47, smaller_from_larger=True) == '7-3-0=4\n8-4-0=4\n#### 44'
+  assert arithmetic.solve_sub(87, 43, smaller_from_larger=True) == arithmetic.solve_sub(87, 43)
+  with pytest.raises(ValueError, match='exclusive'):
+    arithmetic.solve_sub(83, 47, forget_borrow=True, smaller_from_larger=True)
+  with pytest.raises(ValueError, match='sub_error'):
+    arithmetic.make_records(2, seed=0, op='-', sub_error='nope')
   with pytest.raises(ValueError, match='a >= b'):
     arithmetic.solve_sub(1, 2)
   import random
@@ -81,6 +88,12 @@ def test_subtraction_task_and_facts():
   assert not {r['prompt'] for r in ev} & {r['prompt'] for r in tr}
   assert all(r['tag'] == 'sub' and int(r['ground_truth']) >= 0 for r in tr)
   assert any(r['source'] == 'synthetic-noisy' for r in tr)
+  sfl = arithmetic.make_records(300, seed=0, op='-', tag='sub', carry_error_rate=1.0,
+                                sub_error='smaller_from_larger', min_digits=2, max_digits=2)
+  for r in sfl:  # every answer is the column-wise |x - y| (wrong exactly when x < y somewhere)
+    a, b = map(int, r['prompt'].split('-'))
+    want = int(''.join(str(abs(int(x) - int(y))) for x, y in zip(str(a), str(b).zfill(2))))
+    assert r['response'].endswith(f'#### {want}'), r
   fs = facts.make_facts(100, seed=0)
   assert len({r['prompt'] for r in fs}) == 100
   assert all(r['response'] == f'#### {r["ground_truth"]}' for r in fs)
@@ -92,17 +105,28 @@ def test_gopd_quick_pipeline_runs(tmp_path, capsys):
   summary = gopd.run_experiment(str(tmp_path), seed=0, quick=True)
   out = capsys.readouterr().out.rstrip().splitlines()
   assert any(line.startswith('| ExOPD + reward correction') for line in out[-6:])
-  for f in ('results.md', 'results.json', 'accuracy_vs_lambda.png', 'per_domain.png'):
+  for f in ('results.md', 'results.json', 'accuracy_vs_lambda.png', 'per_domain.png',
+            'rl_curves.png'):
     assert os.path.exists(tmp_path / f), f
+  # the experts gate is printed before any distillation (its verdict is not asserted)
+  assert any(line.startswith('GATE: ') for line in out)
+  assert set(summary['gate']['rows']) == {'add', 'sub'}
   assert set(summary['multi']) == {'sft', 'opd', 'exopd'}
+  # one RL run per learning rate, the rate chosen on validation (tags add_val / sub_val)
+  for d in ('add', 'sub'):
+    assert summary['gate']['rows'][d]['lr'] in gopd.load_recipe().QUICK_RL_LRS
+    with open(tmp_path / f'rl_{d}_lr0.0001' / 'result.json') as f:
+      hist = json.load(f)['history']
+    assert f'eval/pass@1/{d}_val' in hist and 'reward/groups_with_signal' in hist
   for name in ('lambda1.25', 'rc_exopd_corrected'):  # G-OPD counts the reference's FLOPs
-    with open(tmp_path / name / 'result.json') as f:
+    with open(tmp_path / f'{name}_lr0.0001' / 'result.json') as f:
       hist = json.load(f)['history']
     assert hist['compute/flops/reference'][-1][1] > 0
-  with open(tmp_path / 'multi_sft' / 'result.json') as f:  # both experts sampled
+  with open(tmp_path / 'multi_sft_lr0.0001' / 'result.json') as f:  # both experts sampled
     assert json.load(f)['history']['compute/flops/teacher_sampling'][-1][1] > 0
   gopd.aggregate([str(tmp_path), str(tmp_path)], str(tmp_path / 'agg'))
   assert os.path.exists(tmp_path / 'agg' / 'aggregate.md')
+  assert os.path.exists(tmp_path / 'agg' / 'rl_curves_all.png')
 
 
 @pytest.mark.e2e

@@ -111,3 +111,14 @@ def test_equal_rewards_get_exactly_zero(name, kw, value):
   if name != 'reinforce_pp':
     np.testing.assert_array_equal(out[:8], 0.)
   assert np.abs(out[8:]).max() > 0
+
+
+def test_groups_with_signal_counts_groups_of_unequal_rewards():
+  rng = np.random.default_rng(3)
+  for g in (1, 2, 4, 8):
+    r = rng.integers(0, 2, size=6 * g).astype(np.float32)
+    expect = np.mean([len(set(r[q * g:(q + 1) * g].tolist())) > 1 for q in range(6)])
+    assert adv.groups_with_signal(r, g) == pytest.approx(expect)
+  assert adv.groups_with_signal(np.array([1., 1., 0., 1.]), 2) == 0.5
+  with pytest.raises(ValueError, match='whole number of groups'):
+    adv.groups_with_signal(np.zeros(5), 2)
