@@ -23,7 +23,8 @@ from opd_jax import sharding as shd
 from opd_jax import data as data_lib
 from opd_jax.training.builder import ConfigError
 from opd_jax.models import load_pretrained
-from opd_jax.teachers.local import LocalTeacher, TeacherSpec, route_matrix, score_teachers
+from opd_jax.teachers.local import (LocalTeacher, Ready, TeacherSpec, route_matrix,
+                                    score_teachers)
 from opd_jax.training.update import (LossSpec, UpdateBatch, make_optimizer, make_train_state,
                                      make_update_fn)
 
@@ -120,6 +121,9 @@ def test_env_tokens_never_enter_loss_or_kl(student, guess_episodes):
     def score(self, tokens, mask, rows, *, out_sharding=None):
       out = plain.score(tokens, mask, rows, out_sharding=out_sharding)
       return dict(out, logprobs=jnp.where(env_mask, -jnp.inf, out['logprobs']))
+
+    def submit(self, tokens, mask, rows, *, out_sharding=None):
+      return Ready(self.score(tokens, mask, rows, out_sharding=out_sharding))
 
   tokens, attn, lmask, s_b = ep.arrays(mesh)
   tags = [r.tag for r in records]
