@@ -270,3 +270,15 @@ def test_regime_ratio_bounds_when_opd_misses_the_target():
   assert sr._ratio_txt(sft, 'teacher_counted') == '< 0.38x'  # 30 / 80
   assert sr._ratio_txt(sft, 'data_free') == '< 0.19x'        # 15 / 80
   assert sr._ratio_txt(s['rows']['grpo'], 'data_free') == '—'
+
+
+@pytest.mark.e2e
+def test_pipeline_quality_quick_pipeline_runs(tmp_path, capsys):
+  """Pipelined vs synchronous OPD on the demo's task (pipeline only, no result)."""
+  from opd_jax.experiments import pipeline_quality as pq
+  summary = pq.run_experiment(str(tmp_path), seed=0, quick=True)
+  out = capsys.readouterr().out
+  assert '| pipelined (max_staleness 1) |' in out and 'pipelined ρ = exp(s − s_b)' in out
+  assert summary['sync']['steps'] == summary['pipelined']['steps'] == 20
+  assert summary['rho']['staleness'] == 1 and summary['rho']['updates'] > 0
+  assert pq.aggregate([str(tmp_path)], str(tmp_path / 'agg')).startswith('seeds: 0;')
