@@ -181,10 +181,12 @@ def main(argv=None):
   from opd_jax.models import tiny
   teacher = tiny.resolve_model(args.teacher)
   tiny.resolve_model(args.student)
-  os.environ['XLA_FLAGS'] = ONE_DEVICE  # the server's one device (inherited)
+  # the server's one device; this process's environment is left alone (a caller's later
+  # subprocesses, e.g. in the test session, must not inherit it)
   proc, url = start_server(teacher, ['--max-batch-size', str(2 * args.prompts),
                                      '--batch-wait-ms', '5'],
-                           prefix=['taskset', '-c', args.server_core])
+                           prefix=['taskset', '-c', args.server_core],
+                           env=dict(os.environ, XLA_FLAGS=ONE_DEVICE))
   warm_server(url, rows=2 * args.prompts, max_len=args.max_len)
   print(f'student={args.student} teacher={args.teacher} prompts={args.prompts} '
         f'new_tokens={args.new_tokens} steps={args.steps} warmup={args.warmup} '

@@ -32,12 +32,14 @@ def _get(url):
     return json.load(r)
 
 
-def start_server(model, extra_args, timeout_s=600, prefix=()):
+def start_server(model, extra_args, timeout_s=600, prefix=(), env=None):
   """A serve_teacher process on a free loopback port; returns (process, url). `prefix` goes
-  before the command (e.g. `taskset -c 1`)."""
+  before the command (e.g. `taskset -c 1`); `env` (default: this process's) is its
+  environment."""
   proc = subprocess.Popen(
       [*prefix, sys.executable, '-u', '-m', 'opd_jax.teachers.server', '--model', model,
-       '--port', '0', *extra_args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+       '--port', '0', *extra_args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+      env=env)
   urls, lines = queue.Queue(), []
 
   def read():

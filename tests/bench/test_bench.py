@@ -103,8 +103,12 @@ def test_pipeline_bench_quick(capsys):
   if shutil.which('taskset') is None:
     pytest.skip('taskset is not installed')
   from opd_jax.bench import pipeline
+  env = dict(os.environ)
   pipeline.main(['--steps', '3', '--warmup', '1', '--prompts', '2', '--new-tokens', '8',
                  '--max-len', '16'])
+  # the server's one-device XLA_FLAGS went to its process only: later subprocesses of this
+  # session (e.g. tests/test_pipeline.py's trainer) keep the 8 fake devices
+  assert dict(os.environ) == env
   out = capsys.readouterr().out
   assert re.search(r'^core_parallelism=[0-9.]+ ', out, re.M)
   runs = re.findall(r'^  max_staleness=(\d) steps_per_s=[0-9.]+ .*server_new_compiles=\d+', out,
