@@ -262,17 +262,26 @@ def run(config, workdir: str, *, on_update=None) -> dict:
           batch, metrics = opd_batch(loop, state, key)
       except RemoteTeacherError as e:
         raise teacher_server_failed(loop, step, e) from None
-      if on_update is not None:
-        on_update(step, batch, metrics)
-      t_update = time.time()
-      state, upd = apply_update(loop, state, batch, step)
-      metrics.update(upd)
-      metrics['perf/update_s'] = time.time() - t_update
-      metrics['perf/step_s'] = time.time() - t_step
+      state = update_step(loop, state, batch, metrics, step, t_step, on_update)
       result['step'] = step
       if end_step(loop, state, step, metrics, result, preempt):
         break
   return finish(loop, state, result, start_step, meta, workdir)
+
+
+def update_step(loop: Loop, state, batch: UpdateBatch, metrics: dict, step: int, t_step: float,
+                on_update=None):
+  """The update of one step, shared by both loops: `on_update` sees the batch first, then
+  apply_update; its metrics and the update / whole-step times go into `metrics`. Returns
+  the new state."""
+  if on_update is not None:
+    on_update(step, batch, metrics)
+  t_update = time.time()
+  state, upd = apply_update(loop, state, batch, step)
+  metrics.update(upd)
+  metrics['perf/update_s'] = time.time() - t_update
+  metrics['perf/step_s'] = time.time() - t_step
+  return state
 
 
 def pipelined_loop(loop: Loop, state, behaviour, start_step: int, result: dict, preempt,
@@ -319,13 +328,7 @@ def pipelined_loop(loop: Loop, state, behaviour, start_step: int, result: dict, 
     metrics['pipeline/staleness'] = float(staleness)
     if nxt is not None:
       metrics['pipeline/next_rollout_s'] = nxt[0].t_rollout
-    if on_update is not None:
-      on_update(step, batch, metrics)
-    t_update = time.time()
-    state, upd = apply_update(loop, state, batch, step)
-    metrics.update(upd)
-    metrics['perf/update_s'] = time.time() - t_update
-    metrics['perf/step_s'] = time.time() - t_step
+    state = update_step(loop, state, batch, metrics, step, t_step, on_update)
     result['step'] = step
     behaviour_step = step - 1
     if step == total:
