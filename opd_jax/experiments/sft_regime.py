@@ -456,8 +456,13 @@ def run_gate(workdir, rc, paths, *, seed, quick, stages, walls) -> dict:
 
 def run_experiment(workdir: str, *, seed: int = 0, quick: bool = False,
                    gate_only: bool = False, teacher: str | None = None,
-                   methods=None) -> dict:
+                   methods=None, num_keys: int | None = None,
+                   teacher_steps: int | None = None) -> dict:
   rc = recipe()
+  if num_keys is not None:  # the task's tail length (configs/sft_regime.py:NUM_KEYS)
+    rc.NUM_KEYS = num_keys
+  if teacher_steps is not None:
+    rc.TEACHER_STEPS = teacher_steps
   lrs = tuple(rc.QUICK_LRS if quick else rc.LRS)
   methods = tuple(methods or rc.METHODS)
   t_start = time.time()
@@ -566,13 +571,19 @@ def main(argv=None):
                            'WORKDIR/teacher/export) instead of training one; it is only '
                            'evaluated here (one step at lr 0)')
   parser.add_argument('--methods', nargs='+', default=None)
+  parser.add_argument('--num-keys', type=int, default=None,
+                      help='keys of the task (default configs/sft_regime.py:NUM_KEYS); '
+                           'a longer tail lowers the SFT curve\'s slope per doubling')
+  parser.add_argument('--teacher-steps', type=int, default=None,
+                      help='SFT steps of the teacher (default TEACHER_STEPS)')
   parser.add_argument('--aggregate', nargs='+', metavar='WORKDIR')
   args = parser.parse_args(argv)
   if args.aggregate:
     aggregate(args.aggregate, args.workdir)
   else:
     run_experiment(args.workdir, seed=args.seed, quick=args.quick, gate_only=args.gate_only,
-                   teacher=args.teacher, methods=args.methods)
+                   teacher=args.teacher, methods=args.methods, num_keys=args.num_keys,
+                   teacher_steps=args.teacher_steps)
 
 
 if __name__ == '__main__':
