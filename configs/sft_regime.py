@@ -10,6 +10,8 @@ Stages (`get_config('STAGE')`; `'STAGE,quick'` is the shrunk pipeline check):
   gate         SFT of the student on a finite set of N teacher samples (the experiment sets
                data.train and total_steps per N): one point of the gate curve.
   opd          pure sampled-token OPD from the gate's SFT-N checkpoint (kl_coef 1).
+  opd_topk     OPD on the teacher's top-TOP_K tokens + a tail bucket at every sampled
+               position (loss.full_vocab='reverse_kl'), no sampled-token term.
   sft_teacher  continued SFT on fresh teacher samples (T=1), sampling FLOPs counted.
   grpo         GRPO on the exact-match reward, GROUP samples per prompt, no teacher.
   negadv       the control: a constant negative advantage (rl.constant_advantage) on every
@@ -41,7 +43,8 @@ GATE_MIN_STEPS = 400
 GATE_BATCH = 64
 SFT_N = 256               # the comparison's starting checkpoint (the analogue of SFT-400K)
 
-METHODS = ('opd', 'sft_teacher', 'grpo', 'negadv')
+METHODS = ('opd', 'opd_topk', 'sft_teacher', 'grpo', 'negadv')
+TOP_K = 20                # opd_topk: the teacher's top tokens per position
 LRS = (3e-4, 1e-3, 3e-3)
 QUICK_LRS = (1e-3,)
 ROWS_PER_STEP = 64        # training sequences per step, every method
@@ -99,10 +102,15 @@ def get_config(arg='opd'):
     c.optim.schedule = 'constant'
     c.rollout.temperature = 1.0
     c.export.hf_dir = ''
-    if stage == 'opd':
+    if stage in ('opd', 'opd_topk'):
       c.mode = 'opd'
       c.teachers.teacher = teacher('runs/regime/teacher/export', kl_coef=1.0)
       c.rollout.prompts_per_step = ROWS_PER_STEP
+      if stage == 'opd_topk':
+        c.rl.use_opd = False
+        c.loss.full_vocab = 'reverse_kl'
+        c.loss.full_vocab_coef = 1.0
+        c.loss.full_vocab_top_k = TOP_K
     elif stage == 'sft_teacher':
       c.mode = 'sft'
       c.teachers.teacher = teacher('runs/regime/teacher/export', kl_coef=1.0)

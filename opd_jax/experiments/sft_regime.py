@@ -55,7 +55,8 @@ MID_FRACTION = 0.5
 GATE_R2 = 0.9            # log-linear: R^2 of accuracy vs log2 N over the fitted points
 GATE_MIN_DOUBLINGS = 3   # ... over at least this many doublings (4 points)
 GATE_GAP = 0.15          # the curve's last point is at least this far below the teacher
-METHOD_NAMES = {'opd': 'OPD (sampled-token)', 'sft_teacher': 'continued SFT on teacher samples',
+METHOD_NAMES = {'opd': 'OPD (sampled-token)', 'opd_topk': 'OPD (teacher top-20 + tail)',
+                'sft_teacher': 'continued SFT on teacher samples',
                 'grpo': 'RL (GRPO)', 'negadv': 'constant −1 advantage, no teacher'}
 
 
@@ -376,8 +377,8 @@ def plot_methods(s: dict, path: str, title=''):
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
-  colors = {'opd': 'tab:blue', 'sft_teacher': 'tab:orange', 'grpo': 'tab:green',
-            'negadv': 'tab:red'}
+  colors = {'opd': 'tab:blue', 'opd_topk': 'tab:purple', 'sft_teacher': 'tab:orange',
+            'grpo': 'tab:green', 'negadv': 'tab:red'}
   fig, ax = plt.subplots(figsize=(6.4, 4.2))
   for m, r in s['rows'].items():
     pts = [(f, a) for f, a, _ in r['curve'] if f > 0]
