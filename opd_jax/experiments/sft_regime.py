@@ -373,18 +373,53 @@ def table(s: dict) -> str:
   return '\n'.join(lines)
 
 
+COLORS = {'opd': 'tab:blue', 'opd_topk': 'tab:purple', 'sft_teacher': 'tab:orange',
+          'grpo': 'tab:green', 'negadv': 'tab:red'}
+
+
+def plot_methods_seeds(sums: list[dict], path: str):
+  """Held-out accuracy vs cumulative FLOPs, mean ± std over seeds at each evaluation (the
+  seeds' evaluation steps coincide; their FLOPs differ by the sampled lengths: the mean is
+  plotted)."""
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  import numpy as np
+  fig, ax = plt.subplots(figsize=(6.4, 4.2))
+  for m in dict.fromkeys(m for s in sums for m in s['rows']):
+    curves = [s['rows'][m]['curve'] for s in sums if m in s['rows']]
+    k = min(len(c) for c in curves)
+    f = np.array([[c[i][0] for i in range(k)] for c in curves]).mean(0)
+    a = np.array([[c[i][1] for i in range(k)] for c in curves])
+    mu, sd = a.mean(0), (a.std(0, ddof=1) if len(curves) > 1 else np.zeros(k))
+    keep = f > 0
+    ax.plot(f[keep], mu[keep], 'o-', ms=3, color=COLORS.get(m),
+            label=f'{METHOD_NAMES.get(m, m)} ({len(curves)} seeds)')
+    ax.fill_between(f[keep], (mu - sd)[keep], (mu + sd)[keep], color=COLORS.get(m), alpha=0.2)
+  for key, style, label in (('teacher_accuracy', '--', 'teacher'),
+                            ('target', ':', 'target (halfway), mean'),
+                            ('start_accuracy', '-.', 'start checkpoint, mean')):
+    ax.axhline(float(np.mean([s[key] for s in sums])), color='gray', ls=style, label=label)
+  ax.set_xscale('log')
+  ax.set_xlabel('cumulative FLOPs (student + teacher, analytic)')
+  ax.set_ylabel('held-out accuracy (greedy), mean ± std')
+  ax.set_ylim(0, 1.05)
+  ax.legend(fontsize=7, loc='lower right')
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
 def plot_methods(s: dict, path: str, title=''):
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
-  colors = {'opd': 'tab:blue', 'opd_topk': 'tab:purple', 'sft_teacher': 'tab:orange',
-            'grpo': 'tab:green', 'negadv': 'tab:red'}
   fig, ax = plt.subplots(figsize=(6.4, 4.2))
   for m, r in s['rows'].items():
     pts = [(f, a) for f, a, _ in r['curve'] if f > 0]
     if pts:
       xs, ys = zip(*pts)
-      ax.plot(xs, ys, 'o-', ms=3, color=colors.get(m), label=f'{METHOD_NAMES.get(m, m)} '
+      ax.plot(xs, ys, 'o-', ms=3, color=COLORS.get(m), label=f'{METHOD_NAMES.get(m, m)} '
               f'(lr {r["best_lr"]:g})')
   ax.axhline(s['teacher_accuracy'], color='gray', ls='--', label='teacher')
   ax.axhline(s['target'], color='gray', ls=':', label='target (halfway)')
@@ -539,8 +574,9 @@ def aggregate(workdirs, out_dir: str | None = None) -> str:
         str(s['seed']) for s in sums) + ')', '',
         '| method | best lr per seed | final held-out | ratio to OPD, SFT data free | ratio '
         'to OPD, teacher generation counted |', '|---|---|---|---|---|']
-    for m in sums[0]['rows']:
-      rows = [s['rows'][m] for s in sums]
+    methods = list(dict.fromkeys(m for s in sums for m in s['rows']))  # a row of any seed
+    for m in methods:
+      rows = [s['rows'][m] for s in sums if m in s['rows']]
       cells = []
       for acct in ('data_free', 'teacher_counted'):
         per = ', '.join(_ratio_txt(r, acct) for r in rows)
@@ -555,6 +591,8 @@ def aggregate(workdirs, out_dir: str | None = None) -> str:
       f.write(text + '\n')
     plot_gate(gates, os.path.join(out_dir, 'gate_seeds.png'),
               title=f'regime gate, {len(gates)} seeds')
+    if sums:
+      plot_methods_seeds(sums, os.path.join(out_dir, 'accuracy_vs_flops_seeds.png'))
   print(text, flush=True)
   return text
 
