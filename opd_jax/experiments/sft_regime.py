@@ -22,6 +22,7 @@ whose result.json exists is reused, so an interrupted run continues):
   methods   from the gate's SFT-N checkpoint (N = SFT_N), the pool prompts, the same steps x
             training sequences per step and the same learning-rate sweep for each of
               opd          sampled-token OPD (teacher kl_coef 1),
+              opd_topk     OPD on the teacher's top-20 tokens + a tail at each position,
               sft_teacher  continued SFT on fresh teacher samples (T=1),
               grpo         GRPO on the exact-match reward,
               negadv       constant advantage −1 on every sampled token, no teacher;
@@ -35,7 +36,8 @@ from the gate's curve (N* = the data size where the fitted line crosses the targ
 the gate recipe's update FLOPs at N* minus at SFT_N, plus the teacher's generation of the
 N* − SFT_N new samples in the second accounting), marked as extrapolated.
 Outputs in WORKDIR: gate.md, gate.json, gate.png, results.md, results.json,
-accuracy_vs_flops.png.
+accuracy_vs_flops.png; `--aggregate` writes aggregate.md, gate_seeds.png and
+accuracy_vs_flops_seeds.png. `--num-keys 256 --teacher-steps 800` reruns the second design.
 """
 
 from __future__ import annotations
