@@ -31,7 +31,8 @@ teacher, student init and shuffles):
             row that was not tuned; evaluation always uses the default environment.
 Each method's lr is chosen on VAL reward at its end. Prints (and writes WORKDIR/results.md,
 results.json, reward_vs_flops.png) held-out episode reward, right calls, copies of the
-result given the call and tool errors per method.
+result given the call and tool errors per method, and the tool errors of OPD's training
+episodes.
 """
 
 from __future__ import annotations
@@ -466,6 +467,9 @@ def rows_of(s: dict) -> dict:
     r = s['runs'][m][f'{lr:g}']
     out[m] = {**final(r), 'lr': lr, 'steps': r['steps'], 'flops': r['flops'],
               'teacher_flops': r['teacher_flops'], 'val_reward': r['history'][-1]['val/reward']}
+    errs = r.get('train_tool_errors_per_step')
+    if errs:
+      out[m]['train_tool_errors'] = sum(errs) / len(errs)
   return out
 
 
@@ -484,8 +488,11 @@ def table(s: dict) -> str:
     lines.append(f"| {name} | {lr} | {st} | {fl} | {tf} | {x['reward']:.3f} | "
                  f"{x['right_call']:.3f} | {x['copied_given_call']:.3f} | "
                  f"{x['tool_errors']:.0f} | {x['turns']:.2f} |")
+  lines.append('')
+  if 'train_tool_errors' in r.get('opd', {}):
+    lines.append(f"{NAMES['opd']}: {r['opd']['train_tool_errors']:.2f} of {BATCH} training "
+                 'episodes per step end with a tool error (sampled at T = 1)')
   if 'opd' in r and 'sft' in r:
-    lines.append('')
     lines.append(f"OPD − SFT held-out reward at equal student FLOPs: "
                  f"{r['opd']['reward'] - r['sft']['reward']:+.3f}")
   return '\n'.join(lines)
@@ -501,10 +508,11 @@ def plot_runs(s: dict, path: str, title: str = ''):
     for lr, r in rs.items():
       best = float(lr) == s['chosen'][m]
       xs = [h['flops'] for h in r['history']]
-      for ax, key in zip(axes, ('heldout/reward', 'heldout/tool_errors')):
+      for ax, key in zip(axes, ('heldout/reward', 'heldout/right_call')):
         ax.plot(xs, [h[key] for h in r['history']], color=colors[m], alpha=1 if best else 0.3,
                 lw=2 if best else 1, label=f'{NAMES[m]} lr {lr}' + (' (val)' if best else ''))
-  for ax, lab in zip(axes, ('held-out episode reward (greedy)', 'held-out tool errors')):
+  for ax, lab in zip(axes, ('held-out episode reward (greedy)',
+                            'held-out right calls (first turn <calc>A*B</calc>)')):
     ax.set_xlabel('cumulative student FLOPs (rollout + update)')
     ax.set_ylabel(lab)
   axes[0].legend(fontsize=7)
@@ -545,6 +553,9 @@ def aggregate(workdirs, out_dir: str | None = None) -> str:
                  f'{fmt([r["right_call"] for r in rs])} | '
                  f'{fmt([r["copied_given_call"] for r in rs])} | '
                  f'{fmt([r["tool_errors"] for r in rs], ".1f")} | {fl} | {tf} | {lrs} |')
+  if all('train_tool_errors' in s['rows'].get('opd', {}) for s in ss):
+    lines.append(f"{names['opd']}: training episodes per step (of {BATCH}) ended by a tool "
+                 f"error {fmt([s['rows']['opd']['train_tool_errors'] for s in ss], '.2f')}")
   gains = {}
   for a, b in (('opd', 'sft'), ('opd', 'init'), ('sft', 'init'), ('opd_obs', 'sft')):
     if all(a in s['rows'] and b in s['rows'] for s in ss):
