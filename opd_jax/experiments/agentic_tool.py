@@ -351,7 +351,7 @@ def final(run: dict) -> dict:
 def run_experiment(workdir: str, *, seed: int = 0, quick: bool = False, hidden: int = 64,
                    student_lr: float = 1e-3, student_steps: int = 600, teacher_steps: int = 600,
                    opd_steps: int = 100, obs_variant: bool = True, gate_only: bool = False,
-                   lrs=LRS, log=print) -> dict:
+                   lrs=LRS, long_opd: tuple[float, int] | None = None, log=print) -> dict:
   from opd_jax import data as data_lib
   t_start = time.time()
   w = workdir
@@ -426,8 +426,15 @@ def run_experiment(workdir: str, *, seed: int = 0, quick: bool = False, hidden: 
         paths, teacher_dir, student_dir, os.path.join(w, f'opd_obs_lr{opd_lr:g}'),
         steps=opd_steps, lr=opd_lr, seed=seed, eval_every=eval_every, splits=splits,
         env_kwargs={'errors_end_episode': False}, log=log)}
+  if long_opd is not None:  # a diagnostic beyond equal FLOPs: not tuned, not compared
+    lr, steps = long_opd
+    log(f'=== OPD for {steps} steps at lr {lr:g} (diagnostic, beyond equal FLOPs)')
+    runs['opd_long'] = {lr: opd(
+        paths, teacher_dir, student_dir, os.path.join(w, f'opd_long_lr{lr:g}_steps{steps}'),
+        steps=steps, lr=lr, seed=seed, eval_every=eval_every, splits=splits, log=log)}
   summary.update(
-      chosen={'opd': opd_lr, 'sft': sft_lr, **({'opd_obs': opd_lr} if obs_variant else {})},
+      chosen={'opd': opd_lr, 'sft': sft_lr, **({'opd_obs': opd_lr} if obs_variant else {}),
+              **({'opd_long': long_opd[0]} if long_opd is not None else {})},
       runs={m: {f'{lr:g}': r for lr, r in rs.items()} for m, rs in runs.items()},
       pool_reward=float(pool['reward'].mean()), wall_s=time.time() - t_start)
   summary['rows'] = rows_of(summary)
@@ -457,7 +464,7 @@ def _write(w: str, summary: dict):
 
 
 NAMES = {'opd': 'OPD (trainer)', 'sft': 'SFT on teacher episodes',
-         'opd_obs': 'OPD, errors as observations'}
+         'opd_obs': 'OPD, errors as observations', 'opd_long': 'OPD, longer (diagnostic)'}
 
 
 def rows_of(s: dict) -> dict:
@@ -479,7 +486,7 @@ def table(s: dict) -> str:
            'right call | copied given call | tool errors / 64 | turns |',
            '|---|---|---|---|---|---|---|---|---|---|']
   for key, name in (('teacher', 'teacher'), ('init', 'student init (before)'),
-                    *((m, NAMES[m]) for m in ('opd', 'sft', 'opd_obs') if m in r)):
+                    *((m, NAMES[m]) for m in ('opd', 'sft', 'opd_obs', 'opd_long') if m in r)):
     x = r[key]
     lr = f"{x['lr']:g}" if 'lr' in x else '—'
     st = str(x.get('steps', '—'))
@@ -503,7 +510,7 @@ def plot_runs(s: dict, path: str, title: str = ''):
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
   fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-  colors = {'opd': 'C0', 'sft': 'C1', 'opd_obs': 'C2'}
+  colors = {'opd': 'C0', 'sft': 'C1', 'opd_obs': 'C2', 'opd_long': 'C3'}
   for m, rs in s['runs'].items():
     for lr, r in rs.items():
       best = float(lr) == s['chosen'][m]
@@ -542,7 +549,7 @@ def aggregate(workdirs, out_dir: str | None = None) -> str:
       '| model | held-out reward | right call | copied given call | tool errors / 64 | '
       'student FLOPs | teacher FLOPs | lr per seed |', '|---|---|---|---|---|---|---|---|']
   names = {'teacher': 'teacher', 'init': 'student init (before)', **NAMES}
-  for key in ('teacher', 'init', 'opd', 'sft', 'opd_obs'):
+  for key in ('teacher', 'init', 'opd', 'sft', 'opd_obs', 'opd_long'):
     if not all(key in s['rows'] for s in ss):
       continue
     rs = [s['rows'][key] for s in ss]
@@ -580,7 +587,7 @@ def plot_aggregate(ss, path: str):
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
   fig, ax = plt.subplots(figsize=(6.5, 4.2))
-  colors = {'opd': 'C0', 'sft': 'C1', 'opd_obs': 'C2'}
+  colors = {'opd': 'C0', 'sft': 'C1', 'opd_obs': 'C2', 'opd_long': 'C3'}
   for i, s in enumerate(ss):
     for m, lr in s.get('chosen', {}).items():
       h = s['runs'][m][f'{lr:g}']['history']
@@ -607,6 +614,8 @@ def main(argv=None):
   ap.add_argument('--opd-steps', type=int, default=100)
   ap.add_argument('--gate-only', action='store_true')
   ap.add_argument('--no-obs-variant', action='store_true')
+  ap.add_argument('--long-opd', metavar='LR:STEPS', help='an extra, untuned OPD run beyond '
+                  'equal FLOPs (a diagnostic row, e.g. 1e-3:400)')
   ap.add_argument('--aggregate', nargs='+', metavar='WORKDIR')
   args = ap.parse_args(argv)
   if args.aggregate:
@@ -615,7 +624,9 @@ def main(argv=None):
   run_experiment(args.workdir, seed=args.seed, quick=args.quick, hidden=args.hidden,
                  student_lr=args.student_lr, student_steps=args.student_steps,
                  opd_steps=args.opd_steps, obs_variant=not args.no_obs_variant,
-                 gate_only=args.gate_only, log=lambda *a: print(*a, flush=True))
+                 gate_only=args.gate_only, log=lambda *a: print(*a, flush=True),
+                 long_opd=None if not args.long_opd else (
+                     float(args.long_opd.split(':')[0]), int(args.long_opd.split(':')[1])))
 
 
 if __name__ == '__main__':
