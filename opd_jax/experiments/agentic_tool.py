@@ -537,6 +537,12 @@ def mean_std(xs) -> tuple[float, float]:
   return float(xs.mean()), float(xs.std(ddof=1)) if len(xs) > 1 else 0.0
 
 
+def flops_to_reach(history, target: float, key: str = 'heldout/reward'):
+  """The cumulative FLOPs of the first evaluation whose `key` reaches `target` (None if
+  none does): a description of a curve, never a selection."""
+  return next((h['flops'] for h in history if h[key] >= target), None)
+
+
 def aggregate(workdirs, out_dir: str | None = None) -> str:
   import numpy as np
   ss = []
@@ -570,6 +576,11 @@ def aggregate(workdirs, out_dir: str | None = None) -> str:
       gains[f'{a}-{b}'] = g
       lines.append(f'{names[a]} − {names[b]}, held-out reward: {fmt(g)} '
                    f'(per seed {", ".join(f"{x:+.3f}" for x in g)})')
+  for key in ('sft', 'opd', 'opd_long'):
+    if all(key in s.get('chosen', {}) for s in ss):
+      xs = [flops_to_reach(s['runs'][key][f"{s['chosen'][key]:g}"]['history'], 0.9) for s in ss]
+      lines.append(f'{names[key]}: student FLOPs to a held-out reward >= 0.9 (first evaluation; '
+                   f'per seed) {", ".join("not reached" if x is None else f"{x:.3g}" for x in xs)}')
   text = '\n'.join(lines)
   print(text)
   if out_dir:

@@ -313,7 +313,7 @@ def test_agentic_gate_and_sft_flops():
 @pytest.mark.e2e
 def test_agentic_quick_pipeline_runs(tmp_path, capsys):
   from opd_jax.experiments import agentic_tool as at
-  s = at.run_experiment(str(tmp_path), seed=0, quick=True)
+  s = at.run_experiment(str(tmp_path), seed=0, quick=True, long_opd=(1e-3, 3))
   out = capsys.readouterr().out
   assert any(line.startswith('GATE ') for line in out.splitlines())  # its verdict not asserted
   for f in ('results.md', 'results.json', 'reward_vs_flops.png', 'data/val.jsonl'):
@@ -322,7 +322,7 @@ def test_agentic_quick_pipeline_runs(tmp_path, capsys):
             for k in ('train', 'val', 'eval')}
   assert not (splits['train'] & splits['val'] or splits['train'] & splits['eval']
               or splits['val'] & splits['eval'])
-  assert set(s['rows']) == {'teacher', 'init', 'opd', 'sft', 'opd_obs'}
+  assert set(s['rows']) == {'teacher', 'init', 'opd', 'sft', 'opd_obs', 'opd_long'}
   opd, sft = s['runs']['opd']['0.001'], s['runs']['sft']['0.001']
   # the trainer's on_eval hook put the held-out episode metrics in OPD's history
   assert 'heldout/right_call' in opd['history'][-1] and opd['history'][0]['step'] == 0
@@ -331,8 +331,15 @@ def test_agentic_quick_pipeline_runs(tmp_path, capsys):
   assert sft['flops'] >= s['rows']['opd']['flops'] and sft['history'][-1]['flops'] == sft['flops']
   assert sft['teacher_flops'] > 0
   # a rerun reuses every stage
-  again = at.run_experiment(str(tmp_path), seed=0, quick=True)
+  again = at.run_experiment(str(tmp_path), seed=0, quick=True, long_opd=(1e-3, 3))
   assert again['rows'] == s['rows'] and 'reused' in capsys.readouterr().out
   at.aggregate([str(tmp_path), str(tmp_path)], str(tmp_path / 'agg'))
   assert os.path.exists(tmp_path / 'agg' / 'aggregate.md')
   assert os.path.exists(tmp_path / 'agg' / 'reward_vs_flops.png')
+
+
+def test_agentic_flops_to_reach():
+  from opd_jax.experiments import agentic_tool as at
+  h = [{'flops': 0.0, 'heldout/reward': 0.2}, {'flops': 5.0, 'heldout/reward': 0.95},
+       {'flops': 9.0, 'heldout/reward': 0.85}]
+  assert at.flops_to_reach(h, 0.9) == 5.0 and at.flops_to_reach(h, 0.99) is None
