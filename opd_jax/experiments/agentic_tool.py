@@ -2,7 +2,8 @@
 teacher vs SFT on more teacher transcripts, at equal student FLOPs, from a student that
 already solves part of the task.
 
-  python -m opd_jax.experiments.agentic_tool --workdir runs/agentic/seed0 --seed 0 [--quick]
+  python -m opd_jax.experiments.agentic_tool --workdir runs/agentic/seed0 --seed 0 \
+      [--gate-only] [--long-opd 1e-3:400] [--quick]
   python -m opd_jax.experiments.agentic_tool --workdir runs/agentic/agg \
       --aggregate runs/agentic/seed0 runs/agentic/seed1 runs/agentic/seed2
 
@@ -29,6 +30,8 @@ teacher, student init and shuffles):
   opd_obs   (unless --no-obs-variant) OPD at the chosen OPD lr with `errors_end_episode=
             False` in training (a failing call is answered `<error>...</error>`), an extra
             row that was not tuned; evaluation always uses the default environment.
+  opd_long  (with --long-opd LR:STEPS) one more OPD run, longer than equal FLOPs: a
+            diagnostic row, not tuned and not in the comparison.
 Each method's lr is chosen on VAL reward at its end. Prints (and writes WORKDIR/results.md,
 results.json, reward_vs_flops.png) held-out episode reward, right calls, copies of the
 result given the call and tool errors per method, and the tool errors of OPD's training
