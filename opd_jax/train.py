@@ -128,6 +128,7 @@ class Loop:
   # rollout.max_staleness=1: {'behaviour_params', 'data'} of the batch in flight, saved with
   # each checkpoint so that a resumed run samples it again (docs/design.md §11)
   in_flight: dict | None = None
+  on_eval: Any = None  # run()'s on_eval(step, params) -> more evaluation scalars
 
   @property
   def agent(self):
@@ -138,6 +139,12 @@ class Loop:
     return data_lib.host_slice(records, jax.process_index(), jax.process_count())
 
   def evaluate(self, step: int, params) -> dict:
+    m = self._evaluate(step, params)
+    if self.on_eval is not None:
+      m = {**m, **{k: float(v) for k, v in self.on_eval(step, self.cast(params)).items()}}
+    return m
+
+  def _evaluate(self, step: int, params) -> dict:
     c, r, d = self.config, self.run, self.data
     settings = evaluation.EvalSettings(
         batch_size=c.eval.batch_size, stop_ids=r.stop_ids,
@@ -186,10 +193,12 @@ class Loop:
 
 
 # =================================================================================== run
-def run(config, workdir: str, *, on_update=None) -> dict:
+def run(config, workdir: str, *, on_update=None, on_eval=None) -> dict:
   """Trains as `config` says; returns {'history', 'final', 'preempted', 'step',
   'tokens_scored'}. `on_update(step, batch, metrics)`, when given, sees each step's
-  UpdateBatch and batch metrics just before its update (tests and benchmarks)."""
+  UpdateBatch and batch metrics just before its update (tests and benchmarks).
+  `on_eval(step, params)`, when given, runs at every evaluation with the rollout's
+  parameters and returns more scalars for that evaluation (experiments' task metrics)."""
   # ------------------------------------------- checks that need no weights, then data
   logging.basicConfig(level=logging.INFO, format='%(asctime)s %(name)s: %(message)s')
   for noisy in ('absl', 'orbax', 'jax._src'):  # orbax logs every file it renames at INFO
@@ -232,6 +241,7 @@ def run(config, workdir: str, *, on_update=None) -> dict:
   loop = Loop(config, r, data, writer, compute.FlopCounter(meta.get('flops')), ckpt,
               jax.random.key(config.seed), r.cast_fn(),
               episodes_lib.rollout_engine(config, r, data.tokenizer, data.encoder))
+  loop.on_eval = on_eval
   for t in r.teachers:
     if t.cfg is None:
       log.warning('teacher %r is remote: its scoring FLOPs are not counted (its architecture '

@@ -310,6 +310,27 @@ def test_no_held_out_data_skips_evaluation(tmp_path):
   assert not any(k.startswith('eval/') for k in result['history'])
 
 
+def test_on_eval_adds_scalars_to_every_evaluation(tmp_path):
+  """run(on_eval=...) is called at each evaluation (start, periodic, final) with the rollout's
+  parameters, and its scalars land in that evaluation's history."""
+  config = with_overrides(load_config('opd_single_teacher', 'runlocal'), total_steps=2,
+                          eval_at_start=True, eval_every=1, log_every=1, export__hf_dir='',
+                          checkpoint__every=0)
+  seen = []
+
+  def on_eval(step, params):
+    import jax
+    leaves = jax.tree_util.tree_leaves(params)
+    seen.append(step)
+    return {'task/first_param_sum': np.float32(np.asarray(leaves[0]).sum()), 'task/step': step}
+  result = run(config, str(tmp_path), on_eval=on_eval)
+  assert seen == [0, 1, 2]
+  assert dict(result['history']['task/step']) == {0: 0.0, 1: 1.0, 2: 2.0}
+  sums = dict(result['history']['task/first_param_sum'])
+  assert sums[0] != sums[2]  # the parameters it sees are the trained ones
+  assert result['final']['task/step'] == 2.0
+
+
 @pytest.mark.parametrize('full_vocab', [None, 'jsd_exact', 'reverse_kl'])
 def test_truncated_sampling_trains_on_policy(tmp_path, full_vocab):
   # The review's command: top-k 5 with PPO clipping gave ratio 0.068, clip 1.0, grad 0.0.

@@ -282,3 +282,64 @@ def test_pipeline_quality_quick_pipeline_runs(tmp_path, capsys):
   assert summary['sync']['steps'] == summary['pipelined']['steps'] == 20
   assert summary['rho']['staleness'] == 1 and summary['rho']['updates'] > 0
   assert pq.aggregate([str(tmp_path)], str(tmp_path / 'agg')).startswith('seeds: 0;')
+
+
+def test_agentic_gate_and_sft_flops():
+  from opd_jax.experiments import agentic_tool as at
+  from opd_jax.models import hf_io, tiny
+  import numpy as np
+  assert at.gate_check(0.25)['pass'] and at.gate_check(0.10)['pass']
+  assert not at.gate_check(0.09)['pass'] and not at.gate_check(0.61)['pass']
+  g = {**at.gate_check(0.7), 'step': 30, 'val_reward': 0.4}
+  assert at.gate_text(g, 1).startswith('GATE FAIL: seed 1:')
+  # update FLOPs of one SFT batch by hand: 3 x (the forward's matmuls + attention + unembed)
+  cfg = hf_io.read_hf_config(tiny.resolve_model(at.student_spec(0, 32)))[0]
+  lens = np.array([5, 9])
+  attn = (np.arange(12)[None] < lens[:, None]).astype(np.int32)
+  d, f, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+  q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+  per_token = cfg.num_layers * 2 * (d * (q + 2 * kv) + q * d + 3 * d * f)
+  pairs = sum(n * (n + 1) // 2 for n in lens)
+  attention = cfg.num_layers * 2 * 2 * q * pairs
+  unembed = 2 * d * v * int((lens - 1).sum())
+  assert at.sft_flops(cfg, attn) == 3 * (per_token * lens.sum() + attention + unembed)
+  # student FLOPs from a trainer history: rollout + update, cumulative per logged step
+  h = {'compute/flops/rollout': [(1, 2.0), (2, 5.0)], 'compute/flops/update': [(1, 1.0),
+       (2, 3.0)], 'compute/flops/scoring/teacher': [(1, 7.0), (2, 9.0)]}
+  assert at.student_flops(h) == {0: 0.0, 1: 3.0, 2: 8.0}
+  assert at.mean_std([1.0, 2.0, 3.0]) == (2.0, 1.0) and at.mean_std([0.5]) == (0.5, 0.0)
+
+
+@pytest.mark.e2e
+def test_agentic_quick_pipeline_runs(tmp_path, capsys):
+  from opd_jax.experiments import agentic_tool as at
+  s = at.run_experiment(str(tmp_path), seed=0, quick=True, long_opd=(1e-3, 3))
+  out = capsys.readouterr().out
+  assert any(line.startswith('GATE ') for line in out.splitlines())  # its verdict not asserted
+  for f in ('results.md', 'results.json', 'reward_vs_flops.png', 'data/val.jsonl'):
+    assert os.path.exists(tmp_path / f), f
+  splits = {k: {json.loads(l)['prompt'] for l in open(tmp_path / 'data' / f'{k}.jsonl')}
+            for k in ('train', 'val', 'eval')}
+  assert not (splits['train'] & splits['val'] or splits['train'] & splits['eval']
+              or splits['val'] & splits['eval'])
+  assert set(s['rows']) == {'teacher', 'init', 'opd', 'sft', 'opd_obs', 'opd_long'}
+  opd, sft = s['runs']['opd']['0.001'], s['runs']['sft']['0.001']
+  # the trainer's on_eval hook put the held-out episode metrics in OPD's history
+  assert 'heldout/right_call' in opd['history'][-1] and opd['history'][0]['step'] == 0
+  assert opd['flops'] > 0 and opd['teacher_flops'] > 0
+  # SFT runs until its update FLOPs reach OPD's student FLOPs (rollout + update)
+  assert sft['flops'] >= s['rows']['opd']['flops'] and sft['history'][-1]['flops'] == sft['flops']
+  assert sft['teacher_flops'] > 0
+  # a rerun reuses every stage
+  again = at.run_experiment(str(tmp_path), seed=0, quick=True, long_opd=(1e-3, 3))
+  assert again['rows'] == s['rows'] and 'reused' in capsys.readouterr().out
+  at.aggregate([str(tmp_path), str(tmp_path)], str(tmp_path / 'agg'))
+  assert os.path.exists(tmp_path / 'agg' / 'aggregate.md')
+  assert os.path.exists(tmp_path / 'agg' / 'reward_vs_flops.png')
+
+
+def test_agentic_flops_to_reach():
+  from opd_jax.experiments import agentic_tool as at
+  h = [{'flops': 0.0, 'heldout/reward': 0.2}, {'flops': 5.0, 'heldout/reward': 0.95},
+       {'flops': 9.0, 'heldout/reward': 0.85}]
+  assert at.flops_to_reach(h, 0.9) == 5.0 and at.flops_to_reach(h, 0.99) is None
