@@ -341,8 +341,56 @@ def summarize(stages, gate, rc, lrs, methods, start_n, gen, quick) -> dict:
           opd_total = rows['opd'][f'total_flops_{acct}'] if 'opd' in rows else None
           if opd_total:
             row[f'ratio_ub_{acct}'] = f / opd_total
+  own = own_target_ratios(rows, gate, rc, start_n, start_acc, gen['flops_per_example'], quick)
   return {'teacher_accuracy': teacher_acc, 'start_accuracy': start_acc, 'target': target,
-          'start_n': start_n, 'extrapolation': extra, 'rows': rows, 'ratios': ratios}
+          'start_n': start_n, 'extrapolation': extra, 'rows': rows, 'ratios': ratios,
+          'own_target': own}
+
+
+def own_target_ratios(rows, gate, rc, start_n, start_acc, gen_per_example, quick) -> dict:
+  """TM's other target: each OPD variant's own final held-out accuracy. Continued SFT's
+  FLOPs to reach it (its measured curve; else the gate's log-linear extrapolation) over the
+  variant's total FLOPs, in both accountings. A target at or below the starting checkpoint
+  has no ratio (the variant lost accuracy)."""
+  out = {}
+  sft = rows.get('sft_teacher')
+  for m in ('opd', 'opd_topk'):
+    if m not in rows or sft is None:
+      continue
+    tgt = rows[m]['accuracy']
+    res = {'target': tgt, 'opd_flops': rows[m]['total_flops_teacher_counted']}
+    if tgt <= start_acc:
+      out[m] = {**res, 'below_start': True}
+      continue
+    for acct, free in (('data_free', True), ('teacher_counted', False)):
+      f = flops_to_reach(sft['curve_data_free' if free else 'curve'], tgt)
+      ext = None
+      if f is None:
+        ext = sft_extrapolation(gate, rc, start_n, tgt, gen_per_example, quick)
+        f = None if ext is None else ext[f'flops_{acct}']
+      res[f'sft_flops_{acct}'] = f
+      res[f'extrapolated_{acct}'] = ext is not None
+      res[f'ratio_{acct}'] = None if f is None else f / res['opd_flops']
+    out[m] = res
+  return out
+
+
+def own_target_text(s: dict) -> list[str]:
+  lines = []
+  for m, r in s.get('own_target', {}).items():
+    if r.get('below_start'):
+      lines.append(f'{METHOD_NAMES.get(m, m)} ended at {r["target"]:.1%}, at or below the '
+                   f'start ({s["start_accuracy"]:.1%}): no ratio at its own accuracy.')
+      continue
+    cells = []
+    for acct, name in (('data_free', 'SFT data free'), ('teacher_counted', 'generation counted')):
+      f = r[f'sft_flops_{acct}']
+      cells.append(f'{name} {"—" if f is None else format(f, ".3g")}'
+                   f'{" (extrapolated)" if r[f"extrapolated_{acct}"] else ""} = '
+                   f'{"—" if r[f"ratio_{acct}"] is None else format(r[f"ratio_{acct}"], ".2f")}x')
+    lines.append(f'target = {METHOD_NAMES.get(m, m)}\'s final {r["target"]:.1%} '
+                 f'({r["opd_flops"]:.3g} FLOPs): continued SFT / it: ' + '; '.join(cells))
+  return lines
 
 
 def _ratio_txt(row, acct):
@@ -372,7 +420,8 @@ def table(s: dict) -> str:
       cells.append(f'{txt} ({_ratio_txt(r, acct)})')
     lines.append(f'| {METHOD_NAMES.get(m, m)} | {r["best_lr"]:g} | {r["accuracy"]:.1%} | '
                  f'{r["best_accuracy"]:.1%} | {cells[0]} | {cells[1]} | {r["wall_s"]:.0f} |')
-  return '\n'.join(lines)
+  own = own_target_text(s)
+  return '\n'.join(lines + ([''] + own if own else []))
 
 
 COLORS = {'opd': 'tab:blue', 'opd_topk': 'tab:purple', 'sft_teacher': 'tab:orange',
@@ -586,6 +635,16 @@ def aggregate(workdirs, out_dir: str | None = None) -> str:
       lines.append(f'| {METHOD_NAMES.get(m, m)} | '
                    f'{", ".join(format(r["best_lr"], "g") for r in rows)} | '
                    f'{ms([r["accuracy"] for r in rows], ".1%")} | {cells[0]} | {cells[1]} |')
+    for m in ('opd', 'opd_topk'):
+      owns = [s.get('own_target', {}).get(m) for s in sums]
+      if not any(owns):
+        continue
+      lines += ['', f'continued SFT / {METHOD_NAMES.get(m, m)}, target = its own final '
+                'accuracy, per seed (x = ended at or below the start):']
+      for acct in ('data_free', 'teacher_counted'):
+        vals = [None if o is None or o.get('below_start') else o[f'ratio_{acct}'] for o in owns]
+        lines.append(f'  {acct}: ' + ', '.join('x' if v is None else f'{v:.2f}' for v in vals)
+                     + f' → {ms(vals, ".2f")}')
   text = '\n'.join(lines)
   if out_dir:
     os.makedirs(out_dir, exist_ok=True)

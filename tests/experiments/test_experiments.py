@@ -272,6 +272,37 @@ def test_regime_ratio_bounds_when_opd_misses_the_target():
   assert sr._ratio_txt(s['rows']['grpo'], 'data_free') == '—'
 
 
+def test_regime_ratio_at_opd_own_accuracy():
+  """own_target_ratios (TM's other target, each OPD variant's final accuracy): continued
+  SFT's FLOPs to it read off its curve by linear interpolation, over the variant's total,
+  in both accountings; a variant that ended below the start gets no ratio; a target SFT's
+  curve misses is read off the gate's log-linear fit."""
+  import types
+  from opd_jax.experiments import sft_regime as sr
+  sft = {'curve': [(0.0, 0.5, 0), (40.0, 0.7, 10), (80.0, 0.8, 20)],
+         'curve_data_free': [(0.0, 0.5, 0), (20.0, 0.7, 10), (40.0, 0.8, 20)]}
+  rows = {'sft_teacher': sft,
+          'opd': {'accuracy': 0.45, 'total_flops_teacher_counted': 100.0},
+          'opd_topk': {'accuracy': 0.6, 'total_flops_teacher_counted': 100.0}}
+  own = sr.own_target_ratios(rows, {}, None, 256, 0.5, 1.0, quick=False)
+  assert own['opd']['below_start']
+  r = own['opd_topk']  # 0.6 is halfway from 0.5 to 0.7: FLOPs 20 counted, 10 data free
+  assert r['ratio_teacher_counted'] == pytest.approx(0.2)
+  assert r['ratio_data_free'] == pytest.approx(0.1)
+  assert not r['extrapolated_data_free']
+  # 0.9 is past SFT's curve: the gate fit acc = 0.1 + 0.1 log2 N crosses it at N* = 256;
+  # with the start at N = 64 (400 steps of 1 FLOP), 60 passes of 256 at batch 64 = 240 steps
+  # -> max(400, 240) = 400: no extra update FLOPs; generation (256 - 64) x 2 FLOPs = 384
+  rows['opd_topk']['accuracy'] = 0.9
+  gate = {'window': {'a': 0.1, 'slope_per_doubling': 0.1},
+          'points': [{'n': 64, 'steps': 400, 'flops': 400.0}]}
+  rc = types.SimpleNamespace(GATE_MIN_STEPS=400, GATE_EPOCHS=60, GATE_BATCH=64)
+  r = sr.own_target_ratios(rows, gate, rc, 64, 0.5, 2.0, quick=False)['opd_topk']
+  assert r['extrapolated_teacher_counted'] and r['extrapolated_data_free']
+  assert r['sft_flops_data_free'] == pytest.approx(0.0)
+  assert r['sft_flops_teacher_counted'] == pytest.approx(384.0)
+
+
 @pytest.mark.e2e
 def test_pipeline_quality_quick_pipeline_runs(tmp_path, capsys):
   """Pipelined vs synchronous OPD on the demo's task (pipeline only, no result)."""
