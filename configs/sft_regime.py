@@ -2,7 +2,7 @@
 `python -m opd_jax.experiments.sft_regime --workdir W` chains these stages and fills in the
 data and model paths.
 
-Task (opd_jax/tasks/keyed.py): keyed digit rules, "QZK:4821" -> "*3\\n#### 2463", with
+Task (opd_jax/tasks/keyed.py): keyed codes, "QZK:4821" -> "#### 4821-37", with
 NUM_KEYS keys of Zipf frequencies (exponent ZIPF): a long tail of sub-skills.
 
 Stages (`get_config('STAGE')`; `'STAGE,quick'` is the shrunk pipeline check):

@@ -10,7 +10,7 @@ compute continued SFT would need), in miniature on a CPU:
 
 Stages (the ordinary trainer `opd_jax.train.run` on configs/sft_regime.py:STAGE; a stage
 whose result.json exists is reused, so an interrupted run continues):
-  data      keyed digit rules with Zipf key frequencies (opd_jax/tasks/keyed.py): the
+  data      keyed codes with Zipf key frequencies (opd_jax/tasks/keyed.py): the
             teacher's set (keys uniform), the pool of Zipf prompts, validation and held-out
             eval, pairwise disjoint prompts;
   teacher   SFT of the teacher on ground-truth solutions (every key frequent);
