@@ -224,7 +224,10 @@ def test_sft_regime_quick_pipeline(tmp_path, capsys):
             'accuracy_vs_flops.png'):
     assert os.path.exists(tmp_path / f), f
   s = out['summary']
-  assert set(s['rows']) == {'opd', 'sft_teacher', 'grpo', 'negadv'}
+  assert set(s['rows']) == {'opd', 'opd_topk', 'sft_teacher', 'grpo', 'negadv'}
+  with open(tmp_path / 'opd_topk_lr0.001' / 'result.json') as f:
+    hist = json.load(f)['history']
+  assert 'loss/full_vocab' in hist  # the top-20 row trains on the teacher's top tokens
   with open(tmp_path / 'negadv_lr0.001' / 'result.json') as f:
     hist = json.load(f)['history']
   phases = {k for k in hist if k.startswith('compute/flops/')}
@@ -238,6 +241,8 @@ def test_sft_regime_quick_pipeline(tmp_path, capsys):
   assert 'reused' in capsys.readouterr().out
   assert again['gate']['accuracy'] == out['gate']['accuracy']
   sr.aggregate([str(tmp_path), str(tmp_path)], str(tmp_path / 'agg'))
+  for f in ('aggregate.md', 'gate_seeds.png', 'accuracy_vs_flops_seeds.png'):
+    assert os.path.exists(tmp_path / 'agg' / f), f
 
 
 def test_regime_ratio_bounds_when_opd_misses_the_target():
