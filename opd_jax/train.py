@@ -240,8 +240,8 @@ def run(config, workdir: str, *, on_update=None, on_eval=None) -> dict:
     writer.history = {k: [tuple(x) for x in v] for k, v in meta.get('history', {}).items()}
   loop = Loop(config, r, data, writer, compute.FlopCounter(meta.get('flops')), ckpt,
               jax.random.key(config.seed), r.cast_fn(),
-              episodes_lib.rollout_engine(config, r, data.tokenizer, data.encoder))
-  loop.on_eval = on_eval
+              episodes_lib.rollout_engine(config, r, data.tokenizer, data.encoder),
+              on_eval=on_eval)
   for t in r.teachers:
     if t.cfg is None:
       log.warning('teacher %r is remote: its scoring FLOPs are not counted (its architecture '

@@ -48,6 +48,8 @@ import random
 import sys
 import time
 
+from opd_jax.experiments.common import mean_std
+
 TEACHER = 'tiny:qwen3:hidden_size=64,num_layers=2,num_heads=4,num_kv_heads=2,seed={s}'
 STUDENT = 'tiny:qwen3:hidden_size={h},num_layers=2,num_heads={nh},num_kv_heads={kv},seed={s}'
 BUDGETS = dict(max_turns=3, max_tokens_per_turn=24, max_episode_tokens=96, max_obs_tokens=48)
@@ -533,13 +535,6 @@ def plot_runs(s: dict, path: str, title: str = ''):
 
 
 # ----------------------------------------------------------------------- aggregate
-def mean_std(xs) -> tuple[float, float]:
-  """Mean and sample standard deviation (0 for one value)."""
-  import numpy as np
-  xs = np.asarray(xs, float)
-  return float(xs.mean()), float(xs.std(ddof=1)) if len(xs) > 1 else 0.0
-
-
 def flops_to_reach(history, target: float, key: str = 'heldout/reward'):
   """The cumulative FLOPs of the first evaluation whose `key` reaches `target` (None if
   none does): a description of a curve, never a selection."""
@@ -547,12 +542,11 @@ def flops_to_reach(history, target: float, key: str = 'heldout/reward'):
 
 
 def aggregate(workdirs, out_dir: str | None = None) -> str:
-  import numpy as np
   ss = []
   for w in workdirs:
     with open(os.path.join(w, 'results.json')) as f:
       ss.append(json.load(f))
-  fmt = lambda xs, f='.3f': '{:{f}} ± {:{f}}'.format(*mean_std(xs), f=f)
+  fmt = lambda xs, f='.3f': '{:{f}} ± {:{f}}'.format(*mean_std(xs)[:2], f=f)
   lines = [gate_text(s['gate'], s['seed']) for s in ss] + [
       '', f'{len(ss)} seeds ({", ".join(str(s["seed"]) for s in ss)}), mean ± sample std', '',
       '| model | held-out reward | right call | copied given call | tool errors / 64 | '
@@ -635,12 +629,18 @@ def main(argv=None):
   if args.aggregate:
     aggregate(args.aggregate, args.workdir)
     return
+  long_opd = None
+  if args.long_opd:
+    lr, _, steps = args.long_opd.partition(':')
+    try:
+      long_opd = (float(lr), int(steps))
+    except ValueError:
+      ap.error(f'--long-opd {args.long_opd!r}: expected LR:STEPS, e.g. 1e-3:400')
   run_experiment(args.workdir, seed=args.seed, quick=args.quick, hidden=args.hidden,
                  student_lr=args.student_lr, student_steps=args.student_steps,
                  opd_steps=args.opd_steps, obs_variant=not args.no_obs_variant,
                  gate_only=args.gate_only, log=lambda *a: print(*a, flush=True),
-                 long_opd=None if not args.long_opd else (
-                     float(args.long_opd.split(':')[0]), int(args.long_opd.split(':')[1])))
+                 long_opd=long_opd)
 
 
 if __name__ == '__main__':

@@ -2,6 +2,7 @@
 stage runs, the outputs exist, and the FLOP accounting adds up. Never asserts a result."""
 
 import json
+import math
 import os
 
 import pytest
@@ -343,7 +344,10 @@ def test_agentic_gate_and_sft_flops():
   h = {'compute/flops/rollout': [(1, 2.0), (2, 5.0)], 'compute/flops/update': [(1, 1.0),
        (2, 3.0)], 'compute/flops/scoring/teacher': [(1, 7.0), (2, 9.0)]}
   assert at.student_flops(h) == {0: 0.0, 1: 3.0, 2: 8.0}
-  assert at.mean_std([1.0, 2.0, 3.0]) == (2.0, 1.0) and at.mean_std([0.5]) == (0.5, 0.0)
+  # the shared mean ± sample std the aggregate uses (None entries are left out)
+  from opd_jax.experiments.common import mean_std
+  assert mean_std([1.0, 2.0, 3.0])[:2] == (2.0, 1.0) and mean_std([0.5])[:2] == (0.5, 0.0)
+  assert mean_std([1.0, None, 3.0]) == (2.0, math.sqrt(2.0), 2)
 
 
 @pytest.mark.e2e
